@@ -1,0 +1,34 @@
+# dinoforge: `make test` sets up a fresh machine (venv, package, system packages) and runs the suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -m "not gpu"
+
+.PHONY: test venv system-deps lint bench clean
+
+test: venv system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+# Slurm and munge back the local-cluster tests; installed only when we may (root with apt-get).
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; }; \
+	else echo "not root: skipping Slurm/munge install (slurm-marked tests will skip)"; fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,114 @@
+"""Strict configs: dataclass schemas <- YAML files <- `key=value` overrides, through OmegaConf.
+
+Every stage (curate, pretrain, evaluation, slurm) describes its options as dataclasses beside the code they
+configure and loads them here. A key that the schema does not know is an error naming the key and the
+nearest valid one; the resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+BASE_KEY = "_base_"  # a YAML file may start from another one: `_base_: vits14.yaml` (path relative to the file)
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit its schema; the message says which key and what to do."""
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a `schema` instance from its defaults, the YAML file at `path` and `key=value` overrides."""
+    if not is_dataclass(schema):
+        raise TypeError(f"config schema must be a dataclass type, got {schema!r}")
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        layers += [(str(p), OmegaConf.create(d)) for p, d in _read_yaml_chain(Path(path))]
+    if overrides:
+        layers.append(("command-line overrides", _parse_overrides(overrides)))
+    for origin, layer in layers:
+        cfg = _merge_strict(cfg, layer, origin)
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:  # e.g. a required field (MISSING) left unset
+        raise ConfigError(f"incomplete config: {_describe(err)}") from None
+
+
+def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config to `run_dir/name` (created if needed) and return the path."""
+    out = Path(run_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_yaml(cfg))
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    """The YAML text of a config dataclass (or DictConfig)."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_yaml(node, resolve=True)
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The YAML at `path` preceded by its `_base_` files, oldest first."""
+    path = path.expanduser().resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `{BASE_KEY}` chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    chain = _read_yaml_chain(path.parent / base, (*seen, path)) if base else []
+    return [*chain, (path, data)]
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _merge_strict(cfg: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        key = _full_key(err)
+        raise ConfigError(f"{origin}: unknown config key {key!r}{_suggest(cfg, key)}") from None
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: bad value for key {_full_key(err)!r}: {_describe(err)}") from None
+
+
+def _full_key(err: OmegaConfBaseException) -> str:
+    return str(getattr(err, "full_key", None) or getattr(err, "key", None) or "?")
+
+
+def _suggest(cfg: DictConfig, dotted: str) -> str:
+    """'; did you mean ...?' with the nearest valid key at the level where `dotted` went wrong."""
+    parent_path, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    prefix = f"{parent_path}." if parent_path else ""
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    return f"; valid keys here: {', '.join(sorted(valid))}" if valid else ""
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    return str(err).split("\n")[0]
