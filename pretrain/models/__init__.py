@@ -1,5 +1,6 @@
 """Model code only: the DINOv2 ViT family, its building blocks, heads and weight interchange."""
 
+from pretrain.models.heads import DINOHead
 from pretrain.models.vision_transformer import (
     ARCHITECTURES,
     DinoVisionTransformer,
@@ -12,6 +13,7 @@ from pretrain.models.vision_transformer import (
 )
 
 __all__ = [
+    "DINOHead",
     "ARCHITECTURES",
     "DinoVisionTransformer",
     "build_vit",
