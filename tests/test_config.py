@@ -34,7 +34,8 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
 def test_unknown_key_in_file_names_key_and_nearest(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n  weight_decy: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.weight_decy'.*did you mean 'optim\.weight_decay'"):
+    expected = r"unknown config key 'optim\.weight_decy'.*did you mean 'optim\.weight_decay'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(RunConfig, path)
 
 

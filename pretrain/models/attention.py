@@ -37,7 +37,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     """The backend that will actually run for tensors on `device`."""
     backend = os.environ.get(BACKEND_ENV) or requested
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r} (from {BACKEND_ENV} or config); choose from {BACKENDS}")
+        raise ValueError(f"unknown attention backend {backend!r} (from {BACKEND_ENV} or config); "
+                         f"choose from {BACKENDS}")
     if backend == "auto":
         return "xformers" if device.type == "cuda" and xformers_ops() is not None else "sdpa"
     if backend == "xformers" and (device.type != "cuda" or xformers_ops() is None):
