@@ -1,5 +1,6 @@
-"""Model code only: the DINOv2 ViT family, its building blocks, heads and weight interchange."""
+"""Model code only: the DINOv2 ViT family, its building blocks, heads, weight interchange and FLOP counting."""
 
+from pretrain.models.flops import count_forward_flops, train_step_flops, vit_forward_flops_analytic
 from pretrain.models.heads import DINOHead
 from pretrain.models.vision_transformer import (
     ARCHITECTURES,
@@ -11,13 +12,32 @@ from pretrain.models.vision_transformer import (
     vit_small,
     vit_tiny,
 )
+from pretrain.models.weights import (
+    CheckpointError,
+    CheckpointMismatchError,
+    LoadResult,
+    export_official,
+    load_heads,
+    load_pretrained,
+    save_safetensors,
+)
 
 __all__ = [
-    "DINOHead",
     "ARCHITECTURES",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "DINOHead",
     "DinoVisionTransformer",
+    "LoadResult",
     "build_vit",
+    "count_forward_flops",
+    "export_official",
+    "load_heads",
+    "load_pretrained",
+    "save_safetensors",
+    "train_step_flops",
     "vit_base",
+    "vit_forward_flops_analytic",
     "vit_giant2",
     "vit_large",
     "vit_small",

@@ -1,0 +1,96 @@
+"""FLOP counting: the measured count of a real forward equals the analytic ViT formula, attention included."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.models.attention import BACKEND_ENV
+from pretrain.models.flops import count_forward_flops, train_step_flops, vit_forward_flops_analytic
+from pretrain.models.vision_transformer import DinoVisionTransformer, vit_giant2
+
+MIXED_CROPS = [(2, 3, 56, 56), (3, 3, 28, 42)]
+
+
+def small_vit(registers: int = 0, ffn: str = "mlp", **kwargs) -> DinoVisionTransformer:
+    return DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2,
+                                 num_register_tokens=registers, ffn_layer=ffn, **kwargs)
+
+
+def test_analytic_formula_by_hand():
+    # D=8, one block, 2x2 patches of a 1x3x4x4 image: N=4 patches, T=5 tokens, MLP width 32.
+    # MACs: patch embedding 4*(3*2*2)*8 = 384; qkv 5*8*24 = 960; QK^T and AV 2*5*5*8 = 400; proj 5*8*8 = 320;
+    # MLP 2*5*8*32 = 2560. FLOPs = 2 * 4624.
+    flops = vit_forward_flops_analytic(embed_dim=8, depth=1, patch_size=2, crops=[(1, 3, 4, 4)])
+    assert flops == 2 * (384 + 960 + 400 + 320 + 2560)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("ffn", ["mlp", "swiglufused"])
+def test_counted_equals_analytic_for_mixed_crops(registers, ffn):
+    model = small_vit(registers, ffn)
+    counted = count_forward_flops(model, MIXED_CROPS)
+    expected = vit_forward_flops_analytic(embed_dim=48, depth=2, patch_size=14, crops=MIXED_CROPS,
+                                          num_register_tokens=registers, ffn_layer=ffn)
+    assert counted == expected
+
+
+def test_meta_count_equals_a_real_cpu_forward_with_sdpa():
+    """The CPU SDPA kernel is counted too: a real forward measures the same FLOPs as the meta-device run."""
+    torch.manual_seed(0)
+    model = small_vit(registers=4).eval()
+    crops = [torch.randn(*shape) for shape in MIXED_CROPS]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.forward_features(crops)
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert any("scaled_dot_product" in op for op in ops), ops
+    assert counter.get_total_flops() == count_forward_flops(model, crops)
+
+
+def test_counting_leaves_the_model_and_environment_alone(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "xformers")  # unusable on the meta device: counting must not depend on it
+    model = small_vit(drop_path_rate=0.5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_forward_flops(model, MIXED_CROPS)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert os.environ[BACKEND_ENV] == "xformers"
+
+
+def test_stochastic_depth_does_not_change_the_count():
+    crops = [(4, 3, 56, 56)]
+    assert count_forward_flops(small_vit(drop_path_rate=0.9).train(), crops) == count_forward_flops(small_vit(), crops)
+
+
+def test_vit_giant_on_meta_is_counted_without_memory():
+    with torch.device("meta"):
+        model = vit_giant2(patch_size=14, img_size=518, ffn_layer="swiglufused", num_register_tokens=4)
+    crops = [(32, 3, 224, 224), (64, 3, 98, 98)]
+    expected = vit_forward_flops_analytic(embed_dim=1536, depth=40, patch_size=14, crops=crops,
+                                          num_register_tokens=4, ffn_layer="swiglufused")
+    assert count_forward_flops(model, crops) == expected
+    # Sanity against the rule of thumb 2 * parameters * tokens (attention adds a few % at 261 tokens).
+    params = sum(p.numel() for p in model.blocks.parameters())
+    rough = 2 * params * 261
+    assert 1.0 < count_forward_flops(model, [(1, 3, 224, 224)]) / rough < 1.1
+
+
+def test_train_step_is_three_student_forwards_plus_a_teacher_forward():
+    student, teacher = small_vit(), small_vit(registers=4)
+    global_crops, local_crops = [(4, 3, 56, 56)], [(8, 3, 28, 28)]
+    student_crops = global_crops + local_crops
+    expected = 3 * count_forward_flops(student, student_crops) + count_forward_flops(teacher, global_crops)
+    assert train_step_flops(student, student_crops, teacher, global_crops) == expected
+    assert train_step_flops(student, student_crops) == 3 * count_forward_flops(student, student_crops)
+    with pytest.raises(ValueError, match="teacher_crops"):
+        train_step_flops(student, student_crops, teacher)
+
+
+@pytest.mark.parametrize("crops", [[], [(3, 56, 56)]])
+def test_bad_crop_sets_are_rejected(crops):
+    with pytest.raises(ValueError):
+        count_forward_flops(small_vit(), crops)
