@@ -1,0 +1,123 @@
+"""Config schemas of `python -m evaluation knn|linear|logreg` (loaded with `pretrain.config.load_config`).
+
+Defaults follow the DINOv2 evaluation protocol (resize 256 / crop 224 bicubic, k in 10/20/100/200 with T=0.07,
+the linear-probe learning-rate grid, C in 10^linspace(-6, 5, 45)); YAML files in `configs/eval/` only choose values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class BackboneConfig:
+    """The backbone under evaluation: an architecture and the weights to put in it."""
+
+    weights: str = "random"  # a weights file load_pretrained accepts, or "random" for a seeded random init
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+    patch_size: int = 14
+    img_size: int = 518  # the official DINOv2 weights carry a 37x37 position grid (518 / 14)
+    num_register_tokens: int = 0
+    init_values: float | None = 1.0  # LayerScale; None for weights trained without it
+    ffn_layer: str = "mlp"
+    interpolate_antialias: bool = False  # True for the *_reg4 releases
+    interpolate_offset: float = 0.1  # 0.0 for the *_reg4 releases
+    seed: int = 0  # random init only
+
+
+@dataclass
+class EvalTransformConfig:
+    """The standard classification eval transform: resize the short side, center crop, normalise."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bicubic"  # bilinear | bicubic | nearest
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class FeatureConfig:
+    """How features are extracted and cached."""
+
+    batch_size: int = 128
+    num_workers: int = 8
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
+    autocast_dtype: str = "bfloat16"  # used on CUDA only; "float32" turns autocast off
+    cache_dir: str | None = "~/.cache/dinoforge/features"  # "" or null disables it; must be shared by all ranks
+
+
+@dataclass
+class KnnConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    n_per_class: list[int] = field(default_factory=list)  # few-shot train sizes; the full set is always evaluated
+    n_tries: int = 1  # few-shot draws per size, seeds seed .. seed + n_tries - 1
+    train_chunk_size: int = 65536  # train features on the device at once
+    test_chunk_size: int = 4096
+
+
+@dataclass
+class LinearConfig:
+    # Base rates, scaled by batch_size / 256 as in DINOv2's linear eval.
+    learning_rates: list[float] = field(
+        default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+    )
+    n_last_blocks: list[int] = field(default_factory=lambda: [1, 4])
+    avgpool: list[bool] = field(default_factory=lambda: [False, True])
+    epochs: int = 10
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    holdout_fraction: float = 0.1  # of the train split, for choosing the head; the val split is never used for it
+    refit: bool = True  # retrain the chosen head on the whole train split before the val measurement
+
+
+@dataclass
+class LogregConfig:
+    c_log10_min: float = -6.0
+    c_log10_max: float = 5.0
+    c_steps: int = 45
+    max_iter: int = 1000
+    tolerance: float = 1e-9  # L-BFGS stops when the largest gradient entry falls below this
+    dtype: str = "float64"  # float32 halves memory for very large train sets
+    holdout_fraction: float = 0.1
+
+
+@dataclass
+class EvalRunConfig:
+    """Fields shared by every evaluation command."""
+
+    name: str = ""  # run name; default <task>_<weights file stem>
+    train: str = ""  # dataset spec: ImageFolder dir, file list, WebDataset tar / brace pattern / shard dir
+    val: str = ""
+    out: str = ""  # default runs/eval/<name>
+    seed: int = 0
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    transform: EvalTransformConfig = field(default_factory=EvalTransformConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+
+@dataclass
+class KnnEvalConfig(EvalRunConfig):
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+
+@dataclass
+class LinearEvalConfig(EvalRunConfig):
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+
+@dataclass
+class LogregEvalConfig(EvalRunConfig):
+    logreg: LogregConfig = field(default_factory=LogregConfig)
+
+
+TASK_SCHEMAS: dict[str, type[EvalRunConfig]] = {
+    "knn": KnnEvalConfig,
+    "linear": LinearEvalConfig,
+    "logreg": LogregEvalConfig,
+}
