@@ -1,0 +1,34 @@
+"""Command line of the pretraining stage: `python -m pretrain train CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train", help="self-supervised pretraining (DINO + iBOT + KoLeo); resumes from the run's latest checkpoint",
+        description="Run or resume a pretraining run. Single process, or several under torchrun / Slurm.")
+    train.add_argument("config", help="YAML file, e.g. configs/pretrain/cpu_tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=1e-3 data.dataset=DIR")
+    args = parser.parse_args(argv)
+
+    from pretrain.train import TrainConfig, train  # heavy imports after argument parsing keep --help fast
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = train(cfg)
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

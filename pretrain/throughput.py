@@ -1,0 +1,59 @@
+"""Images/s and model FLOPs utilisation (MFU) of the training step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense peak TFLOP/s from the vendors' data sheets (no sparsity), by device-name fragment and dtype.
+GPU_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 494.0},
+    "H100": {"bf16": 989.0, "fp32": 494.0},  # SXM; fp32 means TF32 tensor cores
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp32": 183.0},
+    "V100": {"bf16": 125.0, "fp32": 15.7},
+}
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                        seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of a square matmul on `device`: the practical peak that MFU is measured against on CPU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, precision: str = "fp32") -> float:
+    """Peak FLOP/s for MFU: the data-sheet figure of a known GPU, else a measured matmul rate."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peaks in GPU_PEAK_TFLOPS.items():
+            if fragment in name:
+                return peaks["bf16" if precision == "bf16" else "fp32"] * 1e12
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return measure_matmul_peak(device, dtype)
+
+
+class Throughput:
+    """Per-step timing: images/s, data-loading time and MFU from a known FLOP count per step."""
+
+    def __init__(self, flops_per_step: float, peak: float, world_size: int = 1) -> None:
+        self.flops_per_step, self.peak, self.world_size = flops_per_step, peak, world_size
+
+    def stats(self, images: int, step_seconds: float, data_seconds: float) -> dict[str, float]:
+        """`images` and `flops_per_step` are per process; MFU is per device."""
+        return {
+            "images_per_s": images * self.world_size / step_seconds,
+            "data_time_s": data_seconds,
+            "step_time_s": step_seconds,
+            "mfu": self.flops_per_step / step_seconds / self.peak if self.peak else float("nan"),
+        }

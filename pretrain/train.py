@@ -1,0 +1,261 @@
+"""`python -m pretrain train CONFIG`: the SSL training loop, wiring components and holding no maths.
+
+Data order, augmentations, masks and stochastic depth are pure functions of (seed, step, sample position), so a
+run resumed from a checkpoint, on any number of processes, continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluation.monitor import KnnMonitor, KnnMonitorConfig
+from pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
+from pretrain.config import save_config
+from pretrain.data.loader import DataConfig, build_pretrain_loader_from_config
+from pretrain.distributed import (
+    DistributedEnv,
+    all_reduce_mean,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    ema_update,
+    init_distributed,
+)
+from pretrain.export import export_teacher, load_initial_weights
+from pretrain.meta_arch import LossConfig, ModelConfig, SSLMetaArch, build_backbone
+from pretrain.metrics import MetricsLogger, format_console
+from pretrain.models.flops import train_step_flops
+from pretrain.optim import OptimConfig, build_optimizer, clip_grad_norm
+from pretrain.run_logging import setup_logging
+from pretrain.schedules import TrainingSchedules
+from pretrain.throughput import Throughput, peak_flops
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    total_steps: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    precision: str = "fp32"  # bf16: FSDP2 bf16 params + fp32 reduce on CUDA, bf16 autocast on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_consecutive_nonfinite: int = 5
+    init_weights: str = ""  # start from these weights (e.g. the high-resolution phase): run dir or export
+    peak_tflops: float = 0.0  # 0: the GPU's data-sheet figure, or a measured matmul rate on CPU
+    stop_after_steps: int = 0  # end this process after that many steps (tests: an interrupted run)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped after a checkpoint."""
+
+
+@dataclass
+class LoopState:
+    """Everything of the loop that a checkpoint must restore besides modules and optimizer."""
+
+    step: int = 0
+    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch RNG seed of one step on one rank (stochastic depth); resume needs no saved RNG state."""
+    return (seed * 1_000_003 + step) * 65_537 + rank
+
+
+def build_meta_arch(cfg: TrainConfig, env: DistributedEnv) -> SSLMetaArch:
+    # Same seed on every rank: FSDP2 keeps each rank's shard of its own initialisation, so they must agree.
+    torch.manual_seed(cfg.seed)
+    meta = SSLMetaArch(cfg.model, cfg.loss)
+    if cfg.init_weights:
+        load_initial_weights(meta, cfg.init_weights)
+    meta.to(env.device)
+    for side in (meta.student, meta.teacher):
+        blocks = side["backbone"].blocks
+        if cfg.activation_checkpointing and side is meta.student:
+            apply_activation_checkpointing(blocks)
+        if cfg.compile:
+            apply_compile(blocks)
+        apply_fsdp(side, blocks, env, param_dtype=cfg.precision)
+    return meta
+
+
+def flops_per_step(meta: SSLMetaArch, batch: dict) -> float:
+    """FLOPs of one training step on this process: student forward + backward (3x forward), teacher forward.
+
+    Counted on a meta-device copy of the backbone (the live one may be sharded); heads are linear layers, so
+    their forward costs 2 FLOPs per weight per row.
+    """
+    with torch.device("meta"):
+        backbone = build_backbone(meta.model_cfg, drop_path=False)
+    crops = [tuple(batch["global_crops"].shape), tuple(batch["local_crops"].shape)]
+    backbones = train_step_flops(backbone, crops, teacher=backbone, teacher_crops=crops[:1])
+    head_weights = sum(p.numel() for name, p in meta.student.named_parameters() if "head" in name)
+    rows = batch["global_crops"].shape[0] + batch["local_crops"].shape[0] + int(batch["n_masked_patches"])
+    teacher_rows = batch["global_crops"].shape[0] + int(batch["n_masked_patches"])
+    return backbones + 2 * head_weights * (3 * rows + teacher_rows)
+
+
+class Trainer:
+    """Owns the components of one run and runs the step loop."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.env = init_distributed()
+        self.run_dir = cfg.run_dir
+        if self.env.is_main:
+            save_config(cfg, self.run_dir)
+        setup_logging(self.run_dir, self.env.rank)
+        self.meta = build_meta_arch(cfg, self.env)
+        self.optimizer = build_optimizer(self.meta.student, cfg.optim, depth=len(self.meta.student["backbone"].blocks))
+        self.global_batch = cfg.data.batch_size_per_rank * self.env.world_size * cfg.optim.accumulation_steps
+        self.schedules = TrainingSchedules.from_config(cfg.optim, cfg.total_steps, self.global_batch)
+        self.state = LoopState()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.env.is_main)
+        self.monitor = KnnMonitor(cfg.monitor)
+
+    def app_state(self) -> dict:
+        return {"model": ModelState(self.meta), "optimizer": OptimizerState(self.meta.student, self.optimizer),
+                "loop": self.state, "rng": RNGState()}
+
+    def resume(self) -> None:
+        if self.checkpointer.latest_step() is not None:
+            step = self.checkpointer.load(self.app_state())
+            logger.info("resumed from step %d (%s)", step, self.checkpointer.root)
+
+    def autocast(self):
+        enabled = self.cfg.precision == "bf16" and self.env.device.type == "cpu"
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[bool, dict[str, torch.Tensor]]:
+        """One optimizer step over `micro_batches` (gradient accumulation); False when it was skipped."""
+        values = self.schedules.apply_to_optimizer(self.optimizer, self.state.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            with self.autocast():
+                loss, stats = self.meta.compute_losses(batch, values.teacher_temp)
+            (loss / len(micro_batches)).backward()
+            for key, value in {"total_loss": loss.detach(), **stats}.items():
+                totals[key] = totals.get(key, 0) + value / len(micro_batches)
+        grad_norm = clip_grad_norm(self.meta.student, self.cfg.optim.clip_grad, self.cfg.optim.clip_per_module)
+        # every rank decides the same: skip if any rank saw a non-finite loss or gradient
+        finite = all_reduce_mean(torch.isfinite(totals["total_loss"] + grad_norm).float().to(self.env.device)) == 1
+        if finite:
+            self.optimizer.step()
+            ema_update(self.meta.teacher, self.meta.student, values.momentum)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        totals = {k: all_reduce_mean(v.float()) for k, v in totals.items()}
+        totals["grad_norm"] = grad_norm.detach()
+        return bool(finite), totals
+
+    def fit(self) -> Path:
+        cfg, env = self.cfg, self.env
+        self.resume()
+        accumulation = cfg.optim.accumulation_steps
+        loader, _ = build_pretrain_loader_from_config(cfg.data, rank=env.rank, world=env.world_size, seed=cfg.seed,
+                                                      start_step=self.state.step * accumulation,
+                                                      patch_size=cfg.model.patch_size)
+        batches = iter(loader)
+        throughput: Throughput | None = None
+        end = cfg.total_steps
+        if cfg.stop_after_steps:
+            end = min(end, self.state.step + cfg.stop_after_steps)
+        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not env.is_main, desc="train",
+                   dynamic_ncols=True)
+        self.meta.train()
+        while self.state.step < end:
+            t0 = time.perf_counter()
+            micro = [_to_device(next(batches), env.device) for _ in range(accumulation)]
+            t_data = time.perf_counter() - t0
+            if throughput is None:
+                throughput = Throughput(flops_per_step(self.meta, micro[0]) * accumulation,
+                                        cfg.peak_tflops * 1e12 or peak_flops(env.device, cfg.precision),
+                                        env.world_size)
+            torch.manual_seed(step_seed(cfg.seed, self.state.step, env.rank))
+            finite, stats = self.train_step(micro)
+            self._after_step(finite, stats, micro, throughput, time.perf_counter() - t0, t_data)
+            bar.update(1)
+        bar.close()
+        if self.state.step >= cfg.total_steps:
+            self.checkpointer.save(self.state.step, self.app_state())
+            export_teacher(self.meta, self.run_dir / "export", env)
+        self.metrics.close()
+        return self.run_dir
+
+    def _after_step(self, finite: bool, stats: dict, micro: list[dict], throughput: Throughput,
+                    step_seconds: float, data_seconds: float) -> None:
+        cfg = self.cfg
+        step = self.state.step
+        if finite:
+            self.state.consecutive_nonfinite = 0
+        else:
+            self.state.consecutive_nonfinite += 1
+            self.state.skipped_steps += 1
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in total)", step,
+                           self.state.consecutive_nonfinite, self.state.skipped_steps)
+        self.state.step += 1
+        if step % cfg.log_every == 0 or self.state.step == cfg.total_steps:
+            images = sum(b["global_crops"].shape[0] // 2 for b in micro)
+            values = {**stats, **self.schedules.at(step).as_dict(),
+                      **throughput.stats(images, step_seconds, data_seconds), "skipped_steps": self.state.skipped_steps,
+                      "decode_errors": sum(int(b.get("n_decode_errors", 0)) for b in micro)}
+            if self.env.device.type == "cuda":
+                values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+            values = self.metrics.log(step, values)
+            logger.info(format_console(step, cfg.total_steps, values, (
+                "total_loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "lr", "images_per_s", "mfu")))
+        if self.state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+            path = self.checkpointer.save(self.state.step, self.app_state())
+            raise NonFiniteLossError(
+                f"{self.state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at "
+                f"step {step}); stopped after saving {path}. Lower optim.base_lr, raise optim.warmup_steps or check "
+                f"the data, then resume; or raise max_consecutive_nonfinite."
+            )
+        knn = self.monitor.maybe_run(self.meta.teacher["backbone"], self.state.step)
+        if knn:
+            self.metrics.log(step, knn)
+        if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+            self.checkpointer.save(self.state.step, self.app_state())
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) the pretraining run of `cfg`; returns its run directory."""
+    if not math.isfinite(cfg.total_steps) or cfg.total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive integer, got {cfg.total_steps}")
+    return Trainer(cfg).fit()
