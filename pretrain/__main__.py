@@ -16,8 +16,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Run or resume a pretraining run. Single process, or several under torchrun / Slurm.")
     train.add_argument("config", help="YAML file, e.g. configs/pretrain/cpu_tiny.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=1e-3 data.dataset=DIR")
+    export = commands.add_parser(
+        "export", help="write a run's teacher (official backbone layout + heads, safetensors) to RUN/export",
+        description="Consolidate the teacher of a checkpoint (any number of shards) into RUN/export.")
+    export.add_argument("run_dir", help="a pretrain run directory, e.g. runs/pretrain/cpu_tiny")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
 
+    if args.command == "export":
+        from pretrain.export import export_run
+
+        print(export_run(args.run_dir, args.step))
+        return 0
     from pretrain.train import TrainConfig, train  # heavy imports after argument parsing keep --help fast
 
     try:

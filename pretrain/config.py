@@ -39,6 +39,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         layers.append(("command-line overrides", _parse_overrides(overrides)))
     for origin, layer in layers:
         cfg = _merge_strict(cfg, layer, origin)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{key}=..." for key in missing)
+        raise ConfigError(f"required config value(s) not set: {', '.join(missing)}; set them in the YAML file or on "
+                          f"the command line ({example})")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:  # e.g. a required field (MISSING) left unset

@@ -39,6 +39,24 @@ def export_teacher(meta: SSLMetaArch, out_dir: str | Path, env: DistributedEnv) 
     return out_dir / BACKBONE_FILE
 
 
+def export_run(run_dir: str | Path, step: int | None = None) -> Path:
+    """Export the teacher of a run's checkpoint (the latest, or `step`) to `run_dir/export`, in one process."""
+    from pretrain.checkpoint import Checkpointer, ModelState
+    from pretrain.config import load_config
+    from pretrain.distributed import init_distributed
+    from pretrain.train import TrainConfig
+
+    run_dir = Path(run_dir)
+    cfg = load_config(TrainConfig, run_dir / "config.yaml")
+    meta = SSLMetaArch(cfg.model, cfg.loss)
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ to export")
+    loaded = checkpointer.load({"model": ModelState(meta)}, step=step)
+    logger.info("loaded step %d of %s", loaded, run_dir)
+    return export_teacher(meta, run_dir / "export", init_distributed())
+
+
 def load_initial_weights(meta: SSLMetaArch, source: str | Path) -> None:
     """Start student and teacher from `source`: a pretrain run directory (its export), an export directory, or a
     backbone weights file in any layout `load_pretrained` reads. Position embeddings are resized to the model's grid

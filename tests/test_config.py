@@ -68,3 +68,15 @@ def test_saved_config_reloads_identically(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     assert path == tmp_path / "run" / "config.yaml"
     assert load_config(RunConfig, path) == cfg
+
+
+@dataclass
+class NeedsData:
+    dataset: str = "???"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def test_missing_required_value_names_the_full_key():
+    with pytest.raises(ConfigError, match=r"not set: dataset.*dataset=\.\.\."):
+        load_config(NeedsData)
+    assert load_config(NeedsData, None, ["dataset=/data"]).dataset == "/data"

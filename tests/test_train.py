@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
@@ -170,3 +172,31 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(image_folder, tmp_path,
             assert torch.equal(value, snapshot[key]), f"{key} changed during a skipped step"
     assert (tmp_path / "nan" / "checkpoints" / "step_00000004").is_dir()
     assert [r["skipped_steps"] for r in read_metrics(tmp_path / "nan")] == [0, 1, 2, 3]
+
+
+def test_monitor_export_on_request_and_highres_phase(image_folder, tmp_path):
+    """k-NN monitor metrics in the log; `python -m pretrain export`; a high-res run that starts from the export with
+    its position embeddings resized to the larger grid."""
+    monitor = {"monitor.train": str(image_folder), "monitor.val": str(image_folder), "monitor.every_n_steps": 2,
+               "monitor.image_size": 32, "monitor.k": "[5]", "monitor.num_workers": 0, "monitor.batch_size": 16}
+    finish(run_cli(tiny_overrides(image_folder, tmp_path, "base", steps=2, **monitor)))
+    records = read_metrics(tmp_path / "base")
+    assert 0.0 <= records[1]["knn/top1_k5"] <= 100.0 and "total_loss" in records[1]
+
+    shutil.rmtree(tmp_path / "base" / "export")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "base"), "--step", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exported = load_file(tmp_path / "base" / "export" / "teacher_backbone.safetensors")
+    assert exported["pos_embed"].shape == (1, 1 + 8 * 8, 192)  # cpu_tiny's grid: img_size 64 / patch 8
+
+    overrides = tiny_overrides(image_folder, tmp_path, "highres", steps=2, init_weights=str(tmp_path / "base"))
+    overrides += ["model.img_size=96", "data.multicrop.global_crops_size=48", "data.multicrop.local_crops_size=24"]
+    trainer = Trainer(load_config(TrainConfig, CONFIG, overrides))
+    teacher = trainer.meta.teacher["backbone"].state_dict()
+    assert teacher["pos_embed"].shape == (1, 1 + 12 * 12, 192)
+    torch.testing.assert_close(teacher["blocks.1.attn.qkv.weight"], exported["blocks.1.attn.qkv.weight"])
+    torch.testing.assert_close(teacher["pos_embed"][:, 0], exported["pos_embed"][:, 0])  # the CLS position is kept
+    trainer.fit()
+    assert np.isfinite(read_metrics(tmp_path / "highres")[0]["total_loss"])
