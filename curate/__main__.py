@@ -1,0 +1,106 @@
+"""Command line: `python -m curate run|ingest|embed|dedup|cluster|retrieve|shard|report CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from curate.rundir import STEPS, StepOrderError
+
+COMMANDS = ("run", *STEPS)
+EPILOG = """\
+steps, in order:
+  ingest    read the sources; manifest.parquet with one row per input (rejections with reasons)
+  embed     float16 L2-normalised embeddings per partition under embeddings/MODEL/
+  dedup     exact (sha256) and near-duplicate (kNN graph) removal, decontamination against eval sets
+  cluster   hierarchical k-means over the deduplicated pool
+  retrieve  select images: retrieval around seed sets, balanced sampling, or all
+  shard     WebDataset tars of the selected images + shards/index.json
+  report    report/index.html (counts, histograms, image grids)
+  run       every step above; finished steps are skipped
+
+examples:
+  python -m curate run configs/curate/cpu_demo.yaml
+  python -m curate dedup configs/curate/imagenette.yaml dedup.threshold=0.5
+  python -m curate embed CONFIG --partitions 3        # one Slurm array task
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m curate", description="Curate an image pool into WebDataset "
+                                     "shards (the DINOv2 LVD-142M data engine).", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS, help="a step, or `run` for all of them")
+    parser.add_argument("config", help="YAML config (configs/curate/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. partitions=64")
+    parser.add_argument("--partitions", default=None, metavar="LIST",
+                        help="embed, dedup and shard only: partitions to process, e.g. 3 or 0-7 or 1,4 "
+                        "(default: all); the step completes in the call that finds every partition done")
+    parser.add_argument("--force", action="store_true", help="redo the step(s) even when their marker is current")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # options may follow the key=value overrides
+    # Imports after parsing, so `--help` answers without loading pyarrow/torch.
+    from curate.config import load_curate_config
+    from curate.manifest import ManifestError
+    from curate.partition import parse_partition_list
+    from curate.sources import SourceError
+    from curate.steps import PARTITIONED_STEPS, run_all, run_step
+    from curate.store import EmbeddingStoreError
+    from pretrain.config import ConfigError
+
+    try:
+        cfg = load_curate_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level, cfg.run_dir / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                   f"{os.getpid()}.log")
+    try:
+        if args.command == "run":
+            if args.partitions is not None:
+                print("--partitions applies to a single step (embed, dedup or shard), not to `run`", file=sys.stderr)
+                return 2
+            results = run_all(cfg, force=args.force)
+        else:
+            parts = None
+            if args.partitions is not None:
+                if args.command not in PARTITIONED_STEPS:
+                    print(f"--partitions applies to {', '.join(PARTITIONED_STEPS)} only", file=sys.stderr)
+                    return 2
+                try:
+                    parts = parse_partition_list(args.partitions, cfg.partitions)
+                except ValueError as err:
+                    print(f"--partitions: {err}", file=sys.stderr)
+                    return 2
+            results = [run_step(args.command, cfg, parts, force=args.force)]
+    except StepOrderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (SourceError, ManifestError, EmbeddingStoreError) as err:  # bad inputs or artefacts: no traceback needed
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    for r in results:
+        print(f"{r.step:9s} {r.status:8s} {r.summary}")
+    return 0
+
+
+def _setup_logging(level: str, log_file: Path) -> None:
+    """INFO to the console and to a per-invocation file in the run directory (array tasks each get their own)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(), logging.FileHandler(log_file)]
+    for h in handlers:
+        h.setFormatter(fmt)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

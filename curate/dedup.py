@@ -1,0 +1,219 @@
+"""Deduplication kernels on arrays: exact (sha256), near-duplicate (kNN-graph components), decontamination.
+
+The recipe is DINOv2's (Oquab et al. 2023, LVD-142M): a k=64 kNN graph of copy-detection embeddings, edges with
+cosine >= 0.6, connected components by union-find, one image kept per component; then pool images within cosine
+0.45 of an evaluation image are removed, with their whole component.
+
+Keep rule (deterministic, independent of row order and of the number of partitions): in every group the image with
+the smallest uid survives (`keep="first_uid"`); `keep="first_row"` keeps the first row instead. Every other member
+records `duplicate_of` = the survivor, which is not necessarily its direct neighbour in the graph.
+
+Everything on top of the faiss search is vectorised numpy (no Python loop over edges or rows), so the whole step
+costs little more than the bare kNN search (see bench/bench_dedup.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from curate.knn_graph import knn_search, range_pairs
+
+log = logging.getLogger(__name__)
+
+KEEP_RULES = ("first_uid", "first_row")
+
+
+@dataclass
+class DedupConfig:
+    """Dedup step options (defaults: the DINOv2 paper)."""
+
+    k: int = 64  # neighbours per image in the kNN graph
+    threshold: float = 0.6  # cosine at or above which two pool images are copies
+    eval_threshold: float = 0.45  # cosine at or above which a pool image is a copy of an evaluation image
+    keep: str = "first_uid"  # which member of a duplicate group survives: smallest uid, or first row
+    use_gpu: str = "auto"  # faiss on GPU: auto (when present) | gpu | cpu
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"dedup.k={self.k}: must be >= 1")
+        if self.keep not in KEEP_RULES:
+            raise ValueError(f"dedup.keep={self.keep!r}: use one of {', '.join(KEEP_RULES)}")
+        for key in ("threshold", "eval_threshold"):
+            value = getattr(self, key)
+            if not -1.0 <= value <= 1.0:
+                raise ValueError(f"dedup.{key}={value}: a cosine similarity threshold must lie in [-1, 1]")
+
+
+class UnionFind:
+    """Disjoint sets over rows 0..n-1 with batched, vectorised unions.
+
+    A set's root is its smallest row: `union` hooks the larger root under the smaller one (so parent pointers only
+    decrease and no cycle can form) and `find` compresses paths by pointer jumping over the whole parent array.
+    Each `union` call loops until every given pair shares a root; the number of rounds grows with the depth of the
+    merges, not with the number of edges.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def _compress(self) -> None:
+        parent = self.parent
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        self.parent = parent
+
+    def find(self, rows: np.ndarray | int | None = None) -> np.ndarray:
+        """Root (smallest row of the set) of `rows`, or of every row when None."""
+        self._compress()
+        return self.parent.copy() if rows is None else self.parent[np.asarray(rows, dtype=np.int64)]
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Merge the sets of a[e] and b[e] for every e."""
+        a, b = np.asarray(a, dtype=np.int64).ravel(), np.asarray(b, dtype=np.int64).ravel()
+        if a.shape != b.shape:
+            raise ValueError(f"union needs pairs: {a.shape} vs {b.shape}")
+        while a.size:
+            self._compress()
+            ra, rb = self.parent[a], self.parent[b]
+            differ = ra != rb
+            if not differ.any():
+                break
+            ra, rb = ra[differ], rb[differ]
+            a, b = a[differ], b[differ]
+            lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+            # Several pairs may hook the same root: the smallest target wins; the others merge next round.
+            np.minimum.at(self.parent, hi, lo)
+
+    def components(self) -> np.ndarray:
+        """Component id of every row: the smallest row of its set."""
+        return self.find()
+
+
+def components_from_edges(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components of the graph on n rows with edges (i, j): id = smallest row in the component."""
+    uf = UnionFind(n)
+    uf.union(i, j)
+    return uf.components()
+
+
+def _uid_rank(uids: Sequence[str]) -> np.ndarray:
+    """Rank of each uid in sorted order (ties, which uids should not have, broken by row)."""
+    order = np.argsort(np.asarray(uids, dtype=np.str_), kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def representatives(group: np.ndarray, uids: Sequence[str], keep: str = "first_uid") -> np.ndarray:
+    """duplicate_of_index per row: -1 for the survivor of its group, else the survivor's row.
+
+    `group` holds any integer label per row (rows with equal labels are duplicates of each other).
+    """
+    group = np.asarray(group, dtype=np.int64)
+    n = len(group)
+    if len(uids) != n:
+        raise ValueError(f"{len(uids)} uids for {n} rows")
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep={keep!r}: use one of {', '.join(KEEP_RULES)}")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    priority = _uid_rank(uids) if keep == "first_uid" else np.arange(n, dtype=np.int64)
+    order = np.lexsort((priority, group))  # groups together, survivor first within each
+    sorted_group = group[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sorted_group[1:] != sorted_group[:-1]
+    survivor_of_sorted = order[np.maximum.accumulate(np.where(starts, np.arange(n), 0))]
+    duplicate_of = np.empty(n, dtype=np.int64)
+    duplicate_of[order] = survivor_of_sorted
+    duplicate_of[duplicate_of == np.arange(n)] = -1
+    return duplicate_of
+
+
+def exact_duplicates(sha256: Sequence[str], uids: Sequence[str], keep: str = "first_uid") -> np.ndarray:
+    """duplicate_of_index per row for byte-identical files (same sha256); -1 = kept."""
+    if len(sha256) != len(uids):
+        raise ValueError(f"{len(sha256)} sha256 digests for {len(uids)} uids")
+    if len(uids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, group = np.unique(np.asarray(sha256, dtype=np.str_), return_inverse=True)
+    return representatives(group.ravel(), uids, keep)
+
+
+def near_duplicates_from_edges(n: int, i: np.ndarray, j: np.ndarray, uids: Sequence[str],
+                               keep: str = "first_uid") -> tuple[np.ndarray, np.ndarray]:
+    """(duplicate_of_index, component_id) from precomputed kNN-graph edges (e.g. merged from partitions)."""
+    component = components_from_edges(n, i, j)
+    return representatives(component, uids, keep), component
+
+
+def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold: float = 0.6,
+                    keep: str = "first_uid", use_gpu: bool | str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Copies among `emb` rows: (duplicate_of_index (-1 = kept), component_id (= smallest row of the component)).
+
+    Rows are joined when one is among the other's `k` nearest neighbours with cosine >= `threshold`; groups are
+    the connected components of those edges (so A~B and B~C put A, B, C together even if A and C differ more).
+    """
+    if len(emb) != len(uids):
+        raise ValueError(f"{len(emb)} embeddings for {len(uids)} uids")
+    i, j, _ = range_pairs(emb, k, threshold, use_gpu=use_gpu)
+    duplicate_of, component = near_duplicates_from_edges(len(emb), i, j, uids, keep)
+    log.info("near duplicates: %d edges >= %.3f, %d of %d rows removed, %d components", len(i), threshold,
+             int((duplicate_of >= 0).sum()), len(emb), len(np.unique(component)) if len(component) else 0)
+    return duplicate_of, component
+
+
+def contamination_matches(pool_emb: np.ndarray, eval_emb: np.ndarray, threshold: float = 0.45,
+                          component_id: np.ndarray | None = None,
+                          use_gpu: bool | str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(eval_index per pool row (-1 = clean), similarity to that eval image).
+
+    A pool row is contaminated when its most similar eval image reaches `threshold`. With `component_id`, every
+    member of a component that holds a contaminated row is contaminated too (a copy of a copy of a test image is
+    still a test image); such members record the component's best-matching eval image and its similarity.
+    """
+    n = len(pool_emb)
+    eval_index = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan, dtype=np.float32)
+    if n == 0 or len(eval_emb) == 0:
+        return eval_index, similarity
+    sims, ids = knn_search(eval_emb, pool_emb, 1, use_gpu=use_gpu)
+    direct = sims[:, 0] >= threshold
+    eval_index[direct] = ids[direct, 0]
+    similarity[direct] = sims[direct, 0]
+    if component_id is None or not direct.any():
+        return eval_index, similarity
+    component_id = np.asarray(component_id, dtype=np.int64)
+    if len(component_id) != n:
+        raise ValueError(f"component_id has {len(component_id)} rows, pool_emb {n}")
+    hit = np.nonzero(direct)[0]
+    order = hit[np.lexsort((-sims[hit, 0], component_id[hit]))]  # best match first within each component
+    comps, first = np.unique(component_id[order], return_index=True)
+    best_row = order[first]
+    pos = np.searchsorted(comps, component_id)
+    touched = (pos < len(comps)) & (comps[np.minimum(pos, len(comps) - 1)] == component_id) & ~direct
+    source = best_row[pos[touched]]
+    eval_index[touched] = eval_index[source]
+    similarity[touched] = similarity[source]
+    return eval_index, similarity
+
+
+def decontaminate(pool_emb: np.ndarray, eval_emb: np.ndarray, eval_uids: Sequence[str], threshold: float = 0.45,
+                  component_id: np.ndarray | None = None, use_gpu: bool | str = "auto") -> list[str | None]:
+    """The matched eval uid per pool row, None when clean; a component touching an eval image goes whole."""
+    if len(eval_uids) != len(eval_emb):
+        raise ValueError(f"{len(eval_uids)} eval uids for {len(eval_emb)} eval embeddings")
+    eval_index, _ = contamination_matches(pool_emb, eval_emb, threshold, component_id, use_gpu)
+    matched = [None if e < 0 else eval_uids[e] for e in eval_index.tolist()]
+    log.info("decontamination: %d of %d pool rows match an eval image at cosine >= %.3f",
+             int((eval_index >= 0).sum()), len(eval_index), threshold)
+    return matched

@@ -1,0 +1,112 @@
+"""The dedup step split by partition: per-partition kNN queries (Slurm array tasks), then one merge.
+
+Each partition searches its own rows against the whole deduplication base (the pool images left after exact
+dedup) and against the evaluation sets, and saves what it found: kNN-graph edges at or above the copy threshold,
+every row's best evaluation match, and nearest-neighbour similarities of a sample (for the report). The merge joins
+the edges of all partitions into components (`curate.dedup.near_duplicates_from_edges`, the same union-find and
+keep rule as the in-memory `near_duplicates`) and spreads contamination to whole components. Run in one process or
+as many tasks, the result is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from curate.atomic import atomic_write
+from curate.dedup import near_duplicates_from_edges
+from curate.knn_graph import knn_search, range_pairs, unique_edges
+
+
+@dataclass
+class PartitionQueries:
+    """What one partition's queries found; row numbers index the deduplication base."""
+
+    rows: np.ndarray  # int64 [q]: the partition's rows
+    edge_i: np.ndarray  # int64 [e]
+    edge_j: np.ndarray  # int64 [e]
+    edge_sim: np.ndarray  # float32 [e]
+    eval_index: np.ndarray  # int64 [q]: most similar evaluation image of each row (-1 without eval sets)
+    eval_sim: np.ndarray  # float32 [q]: its cosine similarity (NaN without eval sets)
+    nn_rows: np.ndarray  # int64 [s]: sampled rows whose nearest neighbour was measured
+    nn_sim: np.ndarray  # float32 [s]: cosine similarity to the nearest other base row
+
+    def save(self, path: Path) -> None:
+        """Write atomically (the file's presence marks the partition done)."""
+        atomic_write(path, lambda fh: np.savez(fh, **{f.name: getattr(self, f.name) for f in fields(self)}))
+
+    @classmethod
+    def load(cls, path: Path) -> PartitionQueries:
+        with np.load(path) as data:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | None, k: int, threshold: float,
+                    nn_rows: np.ndarray, use_gpu: str = "auto") -> PartitionQueries:
+    """Search `rows` of `base` against all of `base` (edges >= threshold) and against `eval_emb` (best match)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    i, j, s = range_pairs(base, k, threshold, use_gpu=use_gpu, query_rows=rows, progress=False)
+    if eval_emb is not None and len(eval_emb) and rows.size:
+        sims, ids = knn_search(eval_emb, base[rows], 1, use_gpu=use_gpu, progress=False)
+        eval_index, eval_sim = ids[:, 0], sims[:, 0]
+    else:
+        eval_index, eval_sim = np.full(rows.size, -1, dtype=np.int64), np.full(rows.size, np.nan, dtype=np.float32)
+    nn_rows = np.asarray(nn_rows, dtype=np.int64)
+    nn_sim = np.full(nn_rows.size, np.nan, dtype=np.float32)
+    if nn_rows.size and len(base) > 1:
+        sims, ids = knn_search(base, base[nn_rows], 2, use_gpu=use_gpu, progress=False)
+        # The best hit that is not the query itself (an identical twin can rank before the query).
+        nn_sim = np.where(ids[:, 0] == nn_rows, sims[:, 1], sims[:, 0]).astype(np.float32)
+    return PartitionQueries(rows, i, j, s, eval_index.astype(np.int64), eval_sim.astype(np.float32), nn_rows, nn_sim)
+
+
+@dataclass
+class MergedDedup:
+    """Per base row: duplicate_of_index (-1 kept), component id, matched eval index (-1 clean) and similarities."""
+
+    duplicate_of: np.ndarray
+    component: np.ndarray
+    contaminated_by: np.ndarray
+    eval_sim: np.ndarray  # best cosine to any eval image (NaN without eval sets)
+    nn_sim: np.ndarray  # NaN for rows outside the sample
+    n_edges: int
+
+
+def merge_partitions(n: int, parts: list[PartitionQueries], uids: list[str], eval_threshold: float,
+                     keep: str) -> MergedDedup:
+    """Components of the union of all partitions' edges; contamination spread to whole components."""
+    if parts:
+        i, j, s = unique_edges(np.concatenate([p.edge_i for p in parts]), np.concatenate([p.edge_j for p in parts]),
+                               np.concatenate([p.edge_sim for p in parts]))
+    else:
+        i = j = np.zeros(0, dtype=np.int64)
+    duplicate_of, component = near_duplicates_from_edges(n, i, j, uids, keep)
+    eval_index = np.full(n, -1, dtype=np.int64)
+    eval_sim = np.full(n, np.nan, dtype=np.float32)
+    nn_sim = np.full(n, np.nan, dtype=np.float32)
+    for p in parts:
+        eval_index[p.rows], eval_sim[p.rows] = p.eval_index, p.eval_sim
+        nn_sim[p.nn_rows] = p.nn_sim
+    contaminated_by = spread_contamination(eval_index, eval_sim, component, eval_threshold)
+    return MergedDedup(duplicate_of, component, contaminated_by, eval_sim, nn_sim, len(i))
+
+
+def spread_contamination(eval_index: np.ndarray, eval_sim: np.ndarray, component: np.ndarray,
+                         threshold: float) -> np.ndarray:
+    """Matched eval index per row (-1 clean): rows within `threshold` of an eval image, and every other member of
+    their component, which takes the component's best match (a copy of a copy of a test image is a test image)."""
+    direct = np.nan_to_num(eval_sim, nan=-np.inf) >= threshold
+    out = np.full(len(component), -1, dtype=np.int64)
+    if not direct.any():
+        return out
+    hit = np.nonzero(direct)[0]
+    order = hit[np.lexsort((-eval_sim[hit], component[hit]))]  # best match first within each component
+    comps, first = np.unique(component[order], return_index=True)
+    best_eval = eval_index[order[first]]
+    pos = np.minimum(np.searchsorted(comps, component), len(comps) - 1)
+    touched = comps[pos] == component
+    out[touched] = best_eval[pos[touched]]
+    out[direct] = eval_index[direct]  # a direct match keeps its own eval image
+    return out

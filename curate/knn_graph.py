@@ -1,0 +1,151 @@
+"""Exact cosine kNN search with faiss (GPU when one is present) and the kNN-graph edges above a similarity threshold.
+
+Embeddings are L2-normalised, so the inner product is the cosine similarity and a flat inner-product index gives
+exact neighbours. Queries run in chunks: memory stays bounded by `chunk_size * k` and a progress bar can move.
+
+A faiss GPU index has no range search, and on CPU the range search of a flat index scans as much as a kNN search
+does; so "all neighbours above a threshold" is always emulated by a kNN search followed by a threshold, on every
+device. This caps the neighbours per image at `k` (DINOv2 uses k=64), which is what makes the edges of one query
+chunk a bounded array and the results identical on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 16384  # queries per faiss call: [chunk, k] float32 + int64 results, about 12 MB at k=64
+GPU_MAX_K = 2048  # faiss GPU brute-force search supports k <= 2048
+
+
+def gpu_available() -> bool:
+    """True when faiss was built with GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_use_gpu(use_gpu: bool | str) -> bool:
+    """`True`/`"gpu"`/`"cuda"`: GPU (error if none); `False`/`"cpu"`: CPU; `"auto"`: GPU when one is present."""
+    if isinstance(use_gpu, str):
+        choice = use_gpu.lower()
+        if choice == "auto":
+            return gpu_available()
+        if choice in ("gpu", "cuda", "true"):
+            use_gpu = True
+        elif choice in ("cpu", "false"):
+            use_gpu = False
+        else:
+            raise ValueError(f"use_gpu={use_gpu!r}: use 'auto', 'gpu' or 'cpu'")
+    if use_gpu and not gpu_available():
+        raise RuntimeError("a faiss GPU index was requested but faiss sees no GPU (faiss.get_num_gpus() == 0); "
+                           "use 'auto' or 'cpu'")
+    return bool(use_gpu)
+
+
+def as_float32(x: np.ndarray, name: str = "embeddings") -> np.ndarray:
+    """A C-contiguous float32 [n, d] view or copy of `x` (faiss reads only float32)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class FlatIPIndex:
+    """An exact inner-product index over `xb`, on all visible GPUs (sharded) or on the CPU."""
+
+    def __init__(self, xb: np.ndarray, use_gpu: bool | str = "auto") -> None:
+        xb = as_float32(xb, "database embeddings")
+        self.ntotal, self.dim = xb.shape
+        self.on_gpu = resolve_use_gpu(use_gpu)
+        cpu_index = faiss.IndexFlatIP(self.dim)
+        if self.on_gpu:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True  # each GPU holds a slice of the database: memory scales with the number of GPUs
+            self.index = faiss.index_cpu_to_all_gpus(cpu_index, co=options)
+        else:
+            self.index = cpu_index
+        self.index.add(xb)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities float32 [nq, k], ids int64 [nq, k]), best first; missing neighbours have id -1."""
+        if self.on_gpu and k > GPU_MAX_K:
+            raise ValueError(f"k={k}: faiss GPU search supports k <= {GPU_MAX_K}")
+        sims, ids = self.index.search(as_float32(xq, "query embeddings"), k)
+        return sims, ids
+
+
+def _chunks(n: int, chunk_size: int, desc: str, progress: bool) -> tqdm:
+    starts = range(0, n, max(1, chunk_size))
+    return tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) <= 1, leave=False)
+
+
+def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "auto",
+               chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` most similar database rows of every query: (sims float32 [nq, k], ids int64 [nq, k]).
+
+    When `k` exceeds the database size the extra columns hold id -1 and similarity -inf.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    xq = np.asarray(xq)
+    sims = np.full((len(xq), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(xq), k), -1, dtype=np.int64)
+    if len(xb) == 0 or len(xq) == 0:
+        return sims, ids
+    if np.asarray(xb).shape[1] != xq.shape[1]:
+        raise ValueError(f"query dim {xq.shape[1]} != database dim {np.asarray(xb).shape[1]}")
+    index = FlatIPIndex(xb, use_gpu)
+    kk = min(k, index.ntotal)
+    for start in _chunks(len(xq), chunk_size, "kNN search", progress):
+        s, i = index.search(xq[start:start + chunk_size], kk)
+        sims[start:start + len(s), :kk] = s
+        ids[start:start + len(s), :kk] = i
+    return sims, ids
+
+
+def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "auto",
+                query_rows: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges (i, j, sim) of the kNN graph of `x` with cosine >= `threshold`, i != j.
+
+    Each row of `query_rows` (default: all rows) is searched against all of `x`; an edge is kept once, as
+    (min, max), sorted. Running disjoint `query_rows` (e.g. one partition per Slurm task) and concatenating the
+    results gives the same graph as one call, up to edges found from both ends (deduplicate with `unique_edges`).
+    """
+    x = np.asarray(x)
+    n = len(x)
+    rows = np.arange(n, dtype=np.int64) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"query_rows must index the {n} rows of x")
+    if n < 2 or rows.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), np.zeros(0, dtype=np.float32)
+    index = FlatIPIndex(x, use_gpu)
+    # One extra neighbour because the query itself is (almost always) its own first hit.
+    kk = min(k + 1, n)
+    found_i, found_j, found_s = [], [], []
+    for start in _chunks(len(rows), chunk_size, "kNN graph", progress):
+        q = rows[start:start + chunk_size]
+        sims, ids = index.search(x[q], kk)
+        keep = (sims >= threshold) & (ids >= 0) & (ids != q[:, None])
+        qi, col = np.nonzero(keep)
+        found_i.append(q[qi])
+        found_j.append(ids[qi, col])
+        found_s.append(sims[qi, col])
+    return unique_edges(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s))
+
+
+def unique_edges(i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Undirected edges as (min, max) pairs, each once (the highest similarity kept), sorted by (i, j)."""
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    sim = np.asarray(sim, dtype=np.float32)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((-sim, hi, lo))  # by (lo, hi), best similarity first within a pair
+    lo, hi, sim = lo[order], hi[order], sim[order]
+    first = np.ones(len(lo), dtype=bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[first], hi[first], sim[first]

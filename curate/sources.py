@@ -1,0 +1,315 @@
+"""Readers for image sources: folders, tar files, WebDataset shards and file lists of local paths.
+
+Every reader yields one `RawInput` per input sample, in a deterministic order, with the sample's bytes or a
+`reject_reason` when the bytes cannot be read safely (unreadable file or tar member, a member path escaping the tar,
+links, oversize files, a truncated archive). Readers never raise on bad inputs; a missing or unrecognisable source is
+a configuration error and raises `SourceError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import posixpath
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("auto", "folder", "tar", "webdataset", "filelist")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+FILELIST_SUFFIXES = (".txt", ".lst", ".list")
+# WebDataset member extensions (after the key's first dot) that hold the image of a sample, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+
+
+class SourceError(ValueError):
+    """A configured source cannot be read at all (missing path, unknown kind)."""
+
+
+@dataclass
+class RawInput:
+    """One input sample as read from its source, before any decoding."""
+
+    source: str  # source name (unique across the run)
+    locator: str  # where the sample lives inside its source (relative path, tar member, shard/key)
+    file: str  # filesystem path holding the bytes: the image file itself, or the tar containing it
+    member: str | None = None  # tar member name, for samples inside tars
+    offset: int | None = None  # byte offset of the member's data in an uncompressed tar (random access later)
+    data: bytes | None = None
+    reject_reason: str | None = None
+
+
+def make_uid(source: str, locator: str) -> str:
+    """Stable sample id: 96 bits of blake2b over (source name, locator).
+
+    Derived from names, not bytes, so exact copies keep distinct ids; 96 bits keep the chance of any collision
+    among 10^9 samples below 10^-10.
+    """
+    return hashlib.blake2b(f"{source}\x00{locator}".encode(), digest_size=12).hexdigest()
+
+
+def guess_kind(path: str) -> str:
+    """The reader kind for a source path when its config says `auto`."""
+    if "{" in path and "}" in path:
+        return "webdataset"
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"source path {path!r} does not exist (relative paths start at the working directory "
+                          f"{os.getcwd()})")
+    if p.is_dir():
+        return "folder"
+    lower = p.name.lower()
+    if lower.endswith(TAR_SUFFIXES):
+        return "tar"
+    if lower.endswith(FILELIST_SUFFIXES):
+        return "filelist"
+    raise SourceError(f"cannot guess the kind of source {path!r}: set `kind` to one of folder, tar, webdataset, "
+                      "filelist")
+
+
+def read_source(path: str, kind: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+    """Dispatch to the reader of `kind` (resolving `auto`)."""
+    if kind not in SOURCE_KINDS:
+        raise SourceError(f"source {name!r}: unknown kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    if kind == "auto":
+        kind = guess_kind(path)
+    readers = {"folder": read_folder, "tar": read_tar, "webdataset": read_webdataset, "filelist": read_filelist}
+    return readers[kind](path, name, max_bytes)
+
+
+def read_folder(root: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+    """Every non-hidden file under `root`, recursively, in sorted order (symlinked folders are not followed)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise SourceError(f"source {name!r}: folder {root!r} does not exist or is not a directory")
+    hidden = 0
+    for dirpath, dirnames, filenames in os.walk(base):
+        hidden += sum(d.startswith(".") for d in dirnames)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fname in sorted(filenames):
+            if fname.startswith("."):
+                hidden += 1  # .DS_Store, editor swap files: not samples
+                continue
+            full = Path(dirpath) / fname
+            yield _read_file(full, name, full.relative_to(base).as_posix(), max_bytes)
+    if hidden:
+        log.info("source %s: skipped %d hidden files/folders (names starting with '.')", name, hidden)
+
+
+def read_filelist(list_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+    """One local path per line (relative paths are relative to the list's folder); blank and # lines are skipped."""
+    lp = Path(list_path)
+    if not lp.is_file():
+        raise SourceError(f"source {name!r}: file list {list_path!r} does not exist")
+    for line in lp.read_text(encoding="utf-8").splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        target = Path(entry) if os.path.isabs(entry) else lp.parent / entry
+        yield _read_file(target, name, entry, max_bytes)
+
+
+def read_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+    """Every member of a tar file (any compression) except folders; locator = member name."""
+    for member, raw in _iter_tar(tar_path, name, max_bytes):
+        raw.locator = member
+        yield raw
+
+
+def read_webdataset(spec: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+    """Samples of WebDataset shards: a brace pattern, a glob, a folder of `*.tar`, or one tar.
+
+    A sample is a run of consecutive members sharing a key (the member path up to the first dot of its basename);
+    its image is the first member with an image extension. Locator = "<shard file name>/<key>".
+    """
+    for shard in expand_shards(spec, name):
+        shard_name = Path(shard).name
+        group_key: str | None = None
+        group: list[tuple[str, RawInput]] = []
+        for member, raw in _iter_tar(shard, name, max_bytes):
+            key, ext = _split_key(member)
+            if raw.member is None:  # the archive itself failed: flush what we have and report the tail
+                if group:
+                    yield _sample_of(group, shard_name, group_key)
+                    group = []
+                raw.locator = f"{shard_name}/{member}"
+                yield raw
+                continue
+            if key != group_key and group:
+                yield _sample_of(group, shard_name, group_key)
+                group = []
+            group_key = key
+            group.append((ext, raw))
+        if group:
+            yield _sample_of(group, shard_name, group_key)
+
+
+def expand_shards(spec: str, name: str) -> list[str]:
+    """Shard paths named by a brace pattern, glob, folder of tars, or a single tar."""
+    if Path(spec).is_dir():
+        shards = sorted(str(p) for p in Path(spec).glob("*.tar"))
+    else:
+        shards = []
+        for pattern in braceexpand(spec):
+            shards.extend(sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern])
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise SourceError(f"source {name!r}: {len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]!r}")
+    if not shards:
+        raise SourceError(f"source {name!r}: no WebDataset shards match {spec!r}")
+    return shards
+
+
+def _split_key(member: str) -> tuple[str, str]:
+    folder, base = posixpath.split(member)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _sample_of(group: list[tuple[str, RawInput]], shard_name: str, key: str | None) -> RawInput:
+    locator = f"{shard_name}/{key}"
+    for wanted in IMAGE_EXTENSIONS:
+        for ext, raw in group:
+            if ext.rsplit(".", 1)[-1] == wanted:
+                raw.locator = locator
+                return raw
+    first = group[0][1]
+    bad = [raw.reject_reason for _, raw in group if raw.reject_reason]
+    reason = bad[0] if bad else f"sample has no image member (members: {', '.join(e or '<none>' for e, _ in group)})"
+    return RawInput(first.source, locator, first.file, first.member, None, None, reason)
+
+
+def _iter_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[tuple[str, RawInput]]:
+    """(member name, RawInput) for every non-folder member; a corrupt tail becomes one final rejected input."""
+    path = Path(tar_path)
+    if not path.is_file():
+        raise SourceError(f"source {name!r}: tar file {tar_path!r} does not exist")
+    seekable = not _is_compressed(path)
+    count = 0
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as err:
+        yield "<archive>", RawInput(name, "<archive>", str(path), None, None, None,
+                                    f"unreadable tar archive: {type(err).__name__}: {err}")
+        return
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                yield f"<truncated after {count} members>", RawInput(
+                    name, "", str(path), None, None, None,
+                    f"tar truncated or corrupt after {count} members: {type(err).__name__}: {err}")
+                return
+            if info is None:
+                return
+            if info.isdir():
+                continue
+            count += 1
+            raw = RawInput(name, info.name, str(path), info.name, info.offset_data if seekable else None)
+            raw.reject_reason = _member_problem(info, max_bytes)
+            if raw.reject_reason is None:
+                try:
+                    handle = tar.extractfile(info)
+                    raw.data = handle.read() if handle is not None else None
+                    if raw.data is None or len(raw.data) != info.size:
+                        raise EOFError(f"read {0 if raw.data is None else len(raw.data)} of {info.size} bytes")
+                except (tarfile.TarError, OSError, EOFError) as err:
+                    raw.data, raw.reject_reason = None, f"unreadable tar member: {type(err).__name__}: {err}"
+            yield info.name, raw
+
+
+def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
+    """Why a tar member must not be read, or None."""
+    name = info.name
+    normalised = posixpath.normpath(name)
+    if name.startswith("/") or normalised == ".." or normalised.startswith("../") or "\\" in name:
+        return f"path escapes the tar: {name!r}"
+    if info.issym() or info.islnk():
+        return f"tar member is a link (to {info.linkname!r}), not a regular file"
+    if not info.isfile():
+        return "tar member is not a regular file (device, fifo or unknown type)"
+    if info.size > max_bytes:
+        return f"file too large: {info.size} bytes > limit {max_bytes}"
+    return None
+
+
+def _read_file(path: Path, name: str, locator: str, max_bytes: int) -> RawInput:
+    raw = RawInput(name, locator, str(path.absolute()))
+    try:
+        if not path.exists():
+            raw.reject_reason = ("broken symlink" if path.is_symlink() else "file not found") + f": {path}"
+        elif not path.is_file():
+            raw.reject_reason = f"not a regular file: {path}"
+        elif path.stat().st_size > max_bytes:
+            raw.reject_reason = f"file too large: {path.stat().st_size} bytes > limit {max_bytes}"
+        else:
+            raw.data = path.read_bytes()
+    except OSError as err:
+        raw.reject_reason = f"unreadable file: {type(err).__name__}: {err.strerror or err}"
+    return raw
+
+
+def _is_compressed(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    return magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+
+
+class SampleReader:
+    """Reads the bytes of ingested samples again (embedding, shards, report), keeping a few archives open."""
+
+    def __init__(self, max_open: int = 16) -> None:
+        self._open: OrderedDict[str, object] = OrderedDict()
+        self._max_open = max_open
+
+    def read(self, file: str, member: str | None, offset: int | None, size: int) -> bytes:
+        """The `size` bytes of a sample located by (file, member, offset) as recorded in the manifest."""
+        try:
+            if member is None:
+                return Path(file).read_bytes()
+            if offset is not None:
+                fh = self._handle(file, lambda: open(file, "rb"))
+                fh.seek(offset)
+                data = fh.read(size)
+            else:  # compressed tar: no random access, tarfile scans the archive once and caches its index
+                tar = self._handle(file, lambda: tarfile.open(file, "r:*"))
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
+        except (OSError, tarfile.TarError, KeyError) as err:
+            raise OSError(f"cannot re-read sample {member or ''} from {file}: {err}; the source changed after "
+                          "ingest? Rerun ingest (delete the run's _SUCCESS.ingest) to refresh the manifest") from err
+        if len(data) != size:
+            raise OSError(f"sample {member or file} in {file}: read {len(data)} bytes, manifest says {size}; the "
+                          "source changed after ingest. Rerun ingest to refresh the manifest")
+        return data
+
+    def _handle(self, file: str, opener):
+        if file in self._open:
+            self._open.move_to_end(file)
+            return self._open[file]
+        handle = opener()
+        self._open[file] = handle
+        if len(self._open) > self._max_open:
+            _, oldest = self._open.popitem(last=False)
+            oldest.close()
+        return handle
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+    def __enter__(self) -> SampleReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

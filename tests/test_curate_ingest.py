@@ -1,0 +1,258 @@
+"""Ingest: readers for folders, tars, WebDataset shards and file lists; safe probing; one manifest row per input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from curate_photos import photo_paths
+from PIL import Image
+
+from curate.decode import DecodeLimits, ImageRejected, decode_rgb, probe_image
+from curate.ingest import IngestConfig, SourceConfig, ingest_sources
+from curate.partition import parse_partition_list, partition_of
+from curate.sources import SampleReader, SourceError, make_uid, read_source
+
+LIMITS = DecodeLimits(max_pixels=4_000_000, min_side=16)
+
+
+def _png(size=(64, 48), mode="RGB", color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    return [p.read_bytes() for p in photo_paths("imagenette", per_class=1)[:6]]
+
+
+# --- decode probe -----------------------------------------------------------------------------------------------
+
+
+def test_probe_accepts_real_photo_and_reports_header(photos):
+    probe = probe_image(photos[0], LIMITS)
+    img = Image.open(io.BytesIO(photos[0]))
+    assert probe.ok and (probe.format, probe.width, probe.height) == ("JPEG", *img.size)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: b"", "empty file (0 bytes)"),
+    (lambda p: p[: len(p) // 2], "truncated or corrupt image data"),
+    (lambda p: b"hello, I am a text file\n" * 20, "not an image"),
+    (lambda p: _png((4000, 2000), mode="1"), "decompression bomb: 4000x2000 = 8000000 pixels > limit 4000000"),
+    (lambda p: _png((8, 100)), "too small: 8x100"),
+    (lambda p: _png((64, 64), mode="I;16"), "unsupported mode I;16"),
+])
+def test_probe_rejections_have_specific_reasons(photos, make, reason):
+    probe = probe_image(make(photos[0]), LIMITS)
+    assert not probe.ok and probe.reject_reason.startswith(reason), probe.reject_reason
+    with pytest.raises(ImageRejected, match=re.escape(reason.split(":")[0])):
+        decode_rgb(make(photos[0]), LIMITS)
+
+
+def test_probe_rejects_unlisted_format():
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="BMP")
+    probe = probe_image(buf.getvalue(), DecodeLimits(formats=["JPEG", "PNG"]))
+    assert probe.reject_reason.startswith("unsupported format BMP")
+
+
+def test_decode_rgb_composites_alpha_on_white():
+    buf = io.BytesIO()
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(buf, format="PNG")  # fully transparent red
+    img = decode_rgb(buf.getvalue(), LIMITS)
+    assert img.mode == "RGB" and img.getpixel((5, 5)) == (255, 255, 255)
+
+
+# --- readers ----------------------------------------------------------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, **attrs) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def messy_sources(tmp_path: Path, photos) -> dict:
+    """One source of each kind with good and bad inputs; returns the SourceConfigs and the expected reasons."""
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(photos[0])
+    (folder / "sub" / "b.jpg").write_bytes(photos[1])
+    (folder / "sub" / "copy_of_a.jpg").write_bytes(photos[0])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(photos[2][:3000])
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: skipped, not an input
+    os.symlink(tmp_path / "nowhere.jpg", folder / "dangling.jpg")
+
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w") as tar:
+        _add(tar, "good.jpg", photos[3])
+        _add(tar, "../escape.jpg", photos[3])
+        _add(tar, "/abs/path.jpg", photos[3])
+        _add(tar, "link.jpg", b"", type=tarfile.SYMTYPE, linkname="good.jpg")
+        _add(tar, "bomb.png", _png((4000, 2000), mode="1"))
+    gz = tmp_path / "packed.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        _add(tar, "x/one.jpg", photos[4])
+    cut_tar = tmp_path / "cut.tar"
+    with tarfile.open(cut_tar, "w") as tar:
+        _add(tar, "first.jpg", photos[0])
+        _add(tar, "second.jpg", photos[1])
+    cut_tar.write_bytes(cut_tar.read_bytes()[: 512 + len(photos[0]) + 512 + 700])  # dies inside the second member
+
+    wds_dir = tmp_path / "wds"
+    wds_dir.mkdir()
+    for s in range(2):
+        with tarfile.open(wds_dir / f"shard-{s:03d}.tar", "w") as tar:
+            _add(tar, f"s{s}_k0.jpg", photos[s])
+            _add(tar, f"s{s}_k0.json", json.dumps({"label": s}).encode())
+            _add(tar, f"s{s}_k1.json", b"{}")  # a sample without an image
+            _add(tar, f"s{s}_k2.seg.png", _png())  # multi-dot extension: key s{s}_k2, ext seg.png
+    filelist = tmp_path / "list.txt"
+    filelist.write_text(f"# photos\nfolder/a.jpg\n\n{folder / 'sub' / 'b.jpg'}\nmissing.jpg\nfolder/a.jpg\n")
+    sources = [
+        ("pool", SourceConfig(str(folder), name="folder")),
+        ("pool", SourceConfig(str(plain))),
+        ("pool", SourceConfig(str(gz), kind="tar")),
+        ("pool", SourceConfig(str(cut_tar))),
+        ("seed", SourceConfig(str(wds_dir / "shard-{000..001}.tar"), name="wds")),
+        ("eval", SourceConfig(str(filelist), name="list")),
+    ]
+    expected = {  # (source, locator) -> expected reason prefix (None = accepted)
+        ("folder", "a.jpg"): None, ("folder", "sub/b.jpg"): None, ("folder", "sub/copy_of_a.jpg"): None,
+        ("folder", "empty.jpg"): "empty file", ("folder", "cut.jpg"): "truncated or corrupt",
+        ("folder", "notes.txt"): "not an image", ("folder", "dangling.jpg"): "broken symlink",
+        ("plain", "good.jpg"): None, ("plain", "../escape.jpg"): "path escapes the tar",
+        ("plain", "/abs/path.jpg"): "path escapes the tar", ("plain", "link.jpg"): "tar member is a link",
+        ("plain", "bomb.png"): "decompression bomb",
+        ("packed", "x/one.jpg"): None,
+        ("cut", "first.jpg"): None, ("cut", "second.jpg"): "unreadable tar member",
+        ("wds", "shard-000.tar/s0_k0"): None, ("wds", "shard-000.tar/s0_k1"): "sample has no image member",
+        ("wds", "shard-000.tar/s0_k2"): None, ("wds", "shard-001.tar/s1_k0"): None,
+        ("wds", "shard-001.tar/s1_k1"): "sample has no image member", ("wds", "shard-001.tar/s1_k2"): None,
+        ("list", "folder/a.jpg"): None, ("list", str(folder / "sub" / "b.jpg")): None,
+        ("list", "missing.jpg"): "file not found",
+    }
+    return {"sources": sources, "expected": expected, "root": tmp_path}
+
+
+def test_ingest_one_row_per_input_with_reasons(messy_sources):
+    table = ingest_sources(messy_sources["sources"], IngestConfig(limits=LIMITS), n_partitions=4)
+    rows = table.to_pylist()
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["source"], r["locator"]), []).append(r)
+    expected = messy_sources["expected"]
+    # The cut tar may end with an extra "truncated" row; the file list names folder/a.jpg twice (two inputs).
+    extra = {k for k in by_key if k not in expected}
+    assert all(k[0] == "cut" and "truncated" in k[1] for k in extra), extra
+    assert len(by_key[("list", "folder/a.jpg")]) == 2
+    assert len(rows) == len(expected) + 1 + len(extra)
+    for key, want in expected.items():
+        for r in by_key[key]:
+            if want is None:
+                assert r["status"] == "ok" and r["reject_reason"] is None, (key, r["reject_reason"])
+            else:
+                assert r["status"] == "rejected" and r["reject_reason"].startswith(want), (key, r["reject_reason"])
+                assert r["reason"] == r["reject_reason"]
+    roles = {r["source"]: r["role"] for r in rows}
+    assert roles == {"folder": "pool", "plain": "pool", "packed": "pool", "cut": "pool", "wds": "seed",
+                     "list": "eval"}
+    uids = [r["uid"] for r in rows]
+    assert len(set(uids)) == len(uids)
+    for r in rows:
+        assert r["partition"] == partition_of(r["uid"], 4)
+    first = by_key[("folder", "a.jpg")][0]
+    assert first["uid"] == make_uid("folder", "a.jpg")
+
+
+def test_ingest_hashes_and_sizes_match_bytes(messy_sources, photos):
+    table = ingest_sources(messy_sources["sources"], IngestConfig(limits=LIMITS), n_partitions=2)
+    rows = {(r["source"], r["locator"]): r for r in table.to_pylist()}
+    a = rows[("folder", "a.jpg")]
+    assert a["sha256"] == hashlib.sha256(photos[0]).hexdigest() and a["size"] == len(photos[0])
+    assert (a["width"], a["height"]) == Image.open(io.BytesIO(photos[0])).size
+    assert rows[("folder", "sub/copy_of_a.jpg")]["sha256"] == a["sha256"]
+    # Re-reading through the manifest's locations gives the same bytes: plain file, seekable tar, gzip tar, shard.
+    with SampleReader() as reader:
+        keys = [("folder", "a.jpg"), ("plain", "good.jpg"), ("packed", "x/one.jpg"), ("wds", "shard-001.tar/s1_k0")]
+        for key in keys:
+            r = rows[key]
+            data = reader.read(r["file"], r["member"], r["offset"], r["size"])
+            assert hashlib.sha256(data).hexdigest() == r["sha256"], key
+    assert rows[("plain", "good.jpg")]["offset"] is not None and rows[("packed", "x/one.jpg")]["offset"] is None
+
+
+def test_ingest_is_deterministic_and_workers_agree(messy_sources):
+    cfg = IngestConfig(limits=LIMITS)
+    first = ingest_sources(messy_sources["sources"], cfg, n_partitions=3)
+    again = ingest_sources(messy_sources["sources"], cfg, n_partitions=3)
+    parallel = ingest_sources(messy_sources["sources"], IngestConfig(limits=LIMITS, num_workers=2, chunksize=3), 3)
+    assert first.equals(again) and first.equals(parallel)
+
+
+def test_source_errors_name_the_problem(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        list(read_source(str(tmp_path / "nope"), "folder", "x", 1 << 20))
+    with pytest.raises(SourceError, match="does not exist"):
+        list(read_source(str(tmp_path / "data.bin"), "auto", "x", 1 << 20))
+    (tmp_path / "data.bin").write_bytes(b"")
+    with pytest.raises(SourceError, match="cannot guess the kind"):
+        list(read_source(str(tmp_path / "data.bin"), "auto", "x", 1 << 20))
+    with pytest.raises(SourceError, match="unknown kind"):
+        list(read_source(str(tmp_path), "s3", "x", 1 << 20))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dup = [("pool", SourceConfig(str(tmp_path / "a"), name="same")), ("seed", SourceConfig(str(tmp_path / "b"),
+                                                                                           name="same"))]
+    with pytest.raises(SourceError, match="two sources are named 'same'"):
+        ingest_sources(dup, IngestConfig(), 1)
+
+
+def test_oversize_file_rejected_without_reading(tmp_path):
+    (tmp_path / "big.jpg").write_bytes(b"\xff" * 5000)
+    table = ingest_sources([("pool", SourceConfig(str(tmp_path)))], IngestConfig(max_bytes=4096), 1)
+    assert table.column("reject_reason").to_pylist() == ["file too large: 5000 bytes > limit 4096"]
+
+
+def test_gzip_detection_does_not_confuse_plain_tars(tmp_path, photos):
+    path = tmp_path / "raw.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.jpg", photos[0])
+    assert not path.read_bytes().startswith(gzip.compress(b"")[:2])
+    rows = ingest_sources([("pool", SourceConfig(str(path)))], IngestConfig(), 1).to_pylist()
+    assert rows[0]["offset"] == 512 and rows[0]["status"] == "ok"
+
+
+# --- partitions -------------------------------------------------------------------------------------------------
+
+
+def test_partition_is_stable_and_roughly_uniform():
+    uids = [make_uid("s", f"img{i}.jpg") for i in range(4000)]
+    parts = np.array([partition_of(u, 8) for u in uids])
+    assert partition_of(uids[0], 8) == parts[0]  # pure function of the uid (no per-process salt)
+    counts = np.bincount(parts, minlength=8)
+    assert counts.min() > 400 and counts.max() < 600  # expected 500 +- 3 sigma (~ 63)
+    assert partition_of("anything", 1) == 0
+
+
+def test_parse_partition_list():
+    assert parse_partition_list("1,4,9-11", 16) == [1, 4, 9, 10, 11]
+    with pytest.raises(ValueError, match="outside 0..7"):
+        parse_partition_list("6-8", 8)
+    with pytest.raises(ValueError, match="bad partition list"):
+        parse_partition_list("a-b", 8)

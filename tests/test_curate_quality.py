@@ -1,0 +1,196 @@
+"""Issue 5, point 9: dedup and retrieval quality on real photos (Imagenette + Imagewoof from ../shared/data).
+
+Copy detection uses the `copydetect` embedder (weight-free; design and rejected candidates in curate/copydetect.py)
+at its recommended threshold. 300 photos get one planted copy each (JPEG quality 30-90 and a 0.5-2x resize always;
+90% crop, horizontal flip and a mild colour change each with probability 1/2) in a pool of 3,000 photos; recall is
+the share of copies that land in their original's component, precision the share of correct pairs among all pairs
+that share a component. The draw here (seed 2024) differs from the one the descriptor was tuned on.
+Measured on this draw: recall 0.993, precision 0.997 at cosine 0.8 (the one false pair: two burst shots of a dog
+show); every exact copy found.
+
+Pool photos named ILSVRC2012_val_* are left out: they come from ImageNet's validation split and some are natural
+near-duplicates of train photos (e.g. a Border terrier photo present twice with a different crop), which would be
+scored as false positives although they are real copies.
+
+Retrieval: 100 Imagenette val seeds, a pool of 1,000 Imagenette + 1,000 Imagewoof train photos, N=4 per seed.
+No weight-free embedding we measured retrieves Imagenette by content: copydetect 57%, random-init ViT-Ti 58-68%,
+random-init ResNet-18 60-66%, colour / gradient / LBP histograms at 64-128 px 55-70% (chance: 50%). The embedding
+this test uses, local binary pattern histograms at 224 px (`lbp_embedder`), reaches 93-97% because it sees how the
+two sources were made: Imagenette is stored at 224 px (JPEG q~75), Imagewoof at 112 px, so at 224 px Imagewoof photos
+are upsampled and smooth (the same histograms at 64 px: 57%). The test therefore checks the retrieval machinery on
+real photos, not semantic quality; `test_retrieval_with_dinov2_weights` checks semantics when weights are given
+(DINOFORGE_DINOV2_WEIGHTS=path [DINOFORGE_DINOV2_ARCH=vit_small]).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from curate_photos import dataset_root
+from PIL import Image, ImageEnhance, ImageOps
+
+from curate.copydetect import RECOMMENDED_THRESHOLD
+from curate.dedup import exact_duplicates, near_duplicates
+from curate.embed import EmbedConfig, Embedder, build_embedder, embed_images
+from curate.retrieve import RetrieveConfig, retrieve
+
+N_COPIES = 300
+N_EXACT = 20
+
+
+def _photos(name: str, split: str) -> list[Path]:
+    root = dataset_root(name) / split
+    return sorted(p for p in root.rglob("*.JPEG") if not p.name.startswith("ILSVRC2012_val_"))
+
+
+def plant_copy(data: bytes, rng: random.Random) -> bytes:
+    """A re-encoded, resized, maybe cropped / flipped / recoloured copy of an encoded photo."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if rng.random() < 0.5:
+        w, h = image.size
+        cw, ch = round(0.9 * w), round(0.9 * h)
+        x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        image = image.crop((x0, y0, x0 + cw, y0 + ch))
+    scale = rng.uniform(0.5, 2.0)
+    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.BICUBIC)
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    if rng.random() < 0.5:
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15))
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.85, 1.15))
+        image = ImageEnhance.Color(image).enhance(rng.uniform(0.8, 1.2))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=rng.randint(30, 90))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def planted() -> dict:
+    """3,000 pool photos + 300 planted copies + 20 byte-identical copies, with ground truth."""
+    rng = random.Random(2024)
+    nette = rng.sample(_photos("imagenette", "train"), 2000)
+    woof = rng.sample(_photos("imagewoof", "train"), 1000)
+    data = [p.read_bytes() for p in nette + woof]
+    uids = [f"{p.parent.parent.parent.name}/{p.parent.name}/{p.stem}" for p in nette + woof]
+    n_pool = len(data)
+    originals = rng.sample(range(n_pool), N_COPIES + N_EXACT)
+    partner = {}
+    for c, o in enumerate(originals[:N_COPIES]):
+        data.append(plant_copy(data[o], rng))
+        uids.append(f"copy/{c:04d}")
+        partner[len(data) - 1] = o
+    exact = {}
+    for c, o in enumerate(originals[N_COPIES:]):
+        data.append(data[o])
+        uids.append(f"exact/{c:04d}")
+        exact[len(data) - 1] = o
+    return {"data": data, "uids": uids, "partner": partner, "exact": exact}
+
+
+def test_exact_copies_are_always_found(planted):
+    import hashlib
+
+    sha = [hashlib.sha256(d).hexdigest() for d in planted["data"]]
+    dup_of = exact_duplicates(sha, planted["uids"])
+    found = {int(i) for i in np.nonzero(dup_of >= 0)[0]}
+    # Every byte copy is paired with its original; the smaller uid is kept ('exact/...' sorts before 'image...').
+    for copy, original in planted["exact"].items():
+        assert dup_of[original] == copy and dup_of[copy] == -1
+    assert len(found) == N_EXACT
+
+
+def test_planted_copies_recall_and_precision(planted):
+    keep = [i for i in range(len(planted["data"])) if i not in planted["exact"]]  # exact copies go first
+    embedder = build_embedder(EmbedConfig(kind="copydetect", device="cpu"))
+    emb = embed_images(embedder, [planted["data"][i] for i in keep], batch_size=64, num_workers=2, progress=False)
+    uids = [planted["uids"][i] for i in keep]
+    _, component = near_duplicates(emb, uids, k=64, threshold=RECOMMENDED_THRESHOLD, use_gpu="cpu")
+    row = {orig: pos for pos, orig in enumerate(keep)}
+    found = sum(component[row[c]] == component[row[o]] for c, o in planted["partner"].items())
+    _, sizes = np.unique(component, return_counts=True)
+    predicted_pairs = int((sizes * (sizes - 1) // 2).sum())
+    recall = found / N_COPIES
+    precision = found / max(predicted_pairs, 1)
+    print(f"copy detection at cosine {RECOMMENDED_THRESHOLD}: recall {recall:.3f}, precision {precision:.3f} "
+          f"({found} of {N_COPIES} copies, {predicted_pairs} predicted pairs)")
+    assert recall >= 0.95
+    assert precision >= 0.99
+
+
+# --- retrieval -----------------------------------------------------------------------------------------------------
+
+
+class LBPHistogram:
+    """Local binary pattern histograms (8 neighbours, 2 scales) of a 224 px grey image, Hellinger-mapped.
+
+    At 224 px this is dominated by fine texture and sharpness, i.e. by how a photo was stored (see the module
+    docstring): it separates these two sources, not their content.
+    """
+
+    input_size = 224
+    name = "lbp224-test"
+    dim = 512
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        grey = image.convert("L").resize((self.input_size, self.input_size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        hists = []
+        for _ in range(2):
+            centre = x[:, :, 1:-1, 1:-1]
+            code = torch.zeros_like(centre, dtype=torch.long)
+            for bit, (dy, dx) in enumerate([(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0)]):
+                neighbour = x[:, :, dy:dy + centre.shape[2], dx:dx + centre.shape[3]]
+                code += ((neighbour - centre) > 0.01).long() << bit
+            flat = code.flatten(1)
+            hist = torch.zeros(x.shape[0], 256).scatter_add_(1, flat, torch.ones(flat.shape, dtype=torch.float32))
+            hists.append((hist / hist.sum(1, keepdim=True)).sqrt())
+            x = torch.nn.functional.avg_pool2d(x, 2)
+        return torch.cat(hists, 1)
+
+
+def lbp_embedder() -> Embedder:
+    desc = LBPHistogram()
+    return Embedder(desc.name, desc.dim, desc.transform, desc)
+
+
+def _imagenette_share(embedder: Embedder, seed_count: int = 100) -> float:
+    rng = random.Random(7)
+    by_class: dict[str, list[Path]] = {}
+    for p in _photos("imagenette", "val"):
+        by_class.setdefault(p.parent.name, []).append(p)
+    seeds = [p for cls in sorted(by_class) for p in rng.sample(by_class[cls], seed_count // len(by_class))]
+    nette = rng.sample(_photos("imagenette", "train"), 1000)
+    woof = rng.sample(_photos("imagewoof", "train"), 1000)
+    pool = nette + woof
+    pool_emb = embed_images(embedder, [p.read_bytes() for p in pool], 64, 2, progress=False)
+    seed_emb = embed_images(embedder, [p.read_bytes() for p in seeds], 64, 2, progress=False)
+    mask, reasons, score = retrieve(pool_emb, seed_emb, [p.stem for p in seeds],
+                                    cfg=RetrieveConfig(mode="sample", n_per_seed=4, use_gpu="cpu"))
+    assert mask.sum() >= 2 * len(seeds)  # neighbours overlap, but most seeds bring new images
+    assert all(r.startswith("seed:") for r in np.asarray(reasons, dtype=object)[mask])
+    assert np.isfinite(score[mask]).all() and np.isnan(score[~mask]).all()
+    selected = np.nonzero(mask)[0]
+    share = float(np.mean(selected < len(nette)))
+    print(f"{embedder.name}: {len(selected)} retrieved, {share:.3f} Imagenette")
+    return share
+
+
+def test_retrieval_machinery_keeps_the_seed_source_via_a_resolution_cue():
+    """Not semantic quality: LBP at 224 px separates the two sources by how they were stored (see the docstring)."""
+    assert _imagenette_share(lbp_embedder()) >= 0.8
+
+
+@pytest.mark.skipif(not os.environ.get("DINOFORGE_DINOV2_WEIGHTS"), reason="set DINOFORGE_DINOV2_WEIGHTS to a DINOv2 "
+                    "weights file to measure semantic retrieval")
+def test_retrieval_with_dinov2_weights():
+    cfg = EmbedConfig(kind="dinov2", weights=os.environ["DINOFORGE_DINOV2_WEIGHTS"],
+                      arch=os.environ.get("DINOFORGE_DINOV2_ARCH", "vit_small"), patch_size=14)
+    assert _imagenette_share(build_embedder(cfg)) >= 0.8

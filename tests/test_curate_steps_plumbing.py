@@ -1,0 +1,149 @@
+"""Step plumbing without models: embedding store, completion markers and fingerprints, partial-output handling."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from curate.rundir import RunDir, StepOrderError, fingerprint, semantic
+from curate.store import EmbeddingStore, EmbeddingStoreError
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_store_roundtrip_and_gather_in_any_order(tmp_path):
+    store = EmbeddingStore(tmp_path / "emb", n_partitions=3)
+    parts = {p: ([f"u{p}_{i}" for i in range(4 + p)], _unit(4 + p, 8, p)) for p in range(3)}
+    for p, (uids, emb) in parts.items():
+        assert not store.has_partition(p)
+        store.write_partition(p, uids, emb)
+    assert store.missing_partitions() == []
+    store.write_index("model-x", 8)
+    wanted = ["u2_5", "u0_0", "u1_3", "u0_3", "u2_0"]
+    expected = np.stack([parts[int(u[1])][1][int(u.split("_")[1])] for u in wanted])
+    np.testing.assert_array_equal(store.gather(wanted), expected)
+    assert store.gather([]).shape == (0, 8)
+    with pytest.raises(EmbeddingStoreError, match="1 manifest rows have no embedding"):
+        store.gather(["u0_0", "nope"])
+
+
+def test_store_refuses_unnormalised_or_misaligned(tmp_path):
+    store = EmbeddingStore(tmp_path, 2)
+    with pytest.raises(EmbeddingStoreError, match="not L2-normalised"):
+        store.write_partition(0, ["a", "b"], np.ones((2, 4), dtype=np.float16))
+    with pytest.raises(EmbeddingStoreError, match=r"\(3, 4\) embeddings for 2 uids"):
+        store.write_partition(0, ["a", "b"], _unit(3, 4, 0))
+    store.write_partition(0, ["a"], _unit(1, 4, 0))
+    with pytest.raises(EmbeddingStoreError, match=r"partitions \[1\] are not embedded yet"):
+        store.write_index("m", 4)
+
+
+def _sections(values: dict):
+    return lambda step: values.get(step, {})
+
+
+def test_markers_skip_when_current_and_redo_when_config_changes(tmp_path):
+    run = RunDir(tmp_path)
+    cfg = {"ingest": {"sources": ["a"]}, "embed": {"arch": "vit_tiny", "batch_size": 32}}
+    with pytest.raises(StepOrderError, match="needs step 'ingest' first, which has not run"):
+        run.expected_fingerprint("embed", _sections(cfg))
+    f_ingest = run.expected_fingerprint("ingest", _sections(cfg))
+    run.write_marker("ingest", f_ingest, {"inputs": 3}, time.time())
+    assert run.is_done("ingest", f_ingest)
+    f_embed = run.expected_fingerprint("embed", _sections(cfg))
+    run.write_marker("embed", f_embed, {}, time.time())
+    # Speed knobs do not change what a step produces.
+    faster = {**cfg, "embed": {"arch": "vit_tiny", "batch_size": 256}}
+    assert run.expected_fingerprint("embed", _sections(faster)) == f_embed
+    # A changed upstream config makes the downstream marker out of date.
+    changed = {**cfg, "ingest": {"sources": ["a", "b"]}}
+    with pytest.raises(StepOrderError, match="'ingest' first, which is out of date"):
+        run.expected_fingerprint("embed", _sections(changed))
+    new_ingest = run.expected_fingerprint("ingest", _sections(changed))
+    assert not run.is_done("ingest", new_ingest) and not run.marker("ingest").exists()  # stale marker removed
+    run.write_marker("ingest", new_ingest, {}, time.time())
+    assert run.expected_fingerprint("embed", _sections(changed)) != f_embed
+    # The report covers what has run, without requiring every step.
+    assert run.expected_fingerprint("report", _sections(changed), required=False)
+
+
+def test_fingerprint_helpers():
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert semantic({"k": 64, "num_workers": 8, "nested": [{"device": "cuda", "x": 1}]}) == {"k": 64,
+                                                                                            "nested": [{"x": 1}]}
+
+
+def test_prepare_output_keeps_matching_partials_and_wipes_stale(tmp_path):
+    run = RunDir(tmp_path)
+    out = tmp_path / "embeddings" / "m"
+    run.prepare_output(out, "fp1")
+    (out / "part-00000.npy").write_bytes(b"x")
+    run.prepare_output(out, "fp1")
+    assert (out / "part-00000.npy").exists()  # resumable: same fingerprint keeps finished partitions
+    run.prepare_output(out, "fp2")
+    assert not (out / "part-00000.npy").exists() and (out / "_FINGERPRINT").read_text().strip() == "fp2"
+
+
+def _planted(n: int, d: int, seed: int) -> np.ndarray:
+    """Unit vectors with groups of near-copies (noise 0.05) among unrelated ones."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    for g in range(0, n // 2, 5):  # rows g..g+2 copy row g
+        x[g + 1:g + 3] = x[g] + 0.05 * rng.normal(size=(2, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("n_partitions", [1, 3, 7])
+def test_partitioned_dedup_equals_in_memory_dedup(n_partitions):
+    from curate.dedup import decontaminate, near_duplicates
+    from curate.dedup_partitions import merge_partitions, query_partition
+
+    x = _planted(300, 32, 0)
+    evals = np.concatenate([x[[0, 40, 299]] + 0.02, _planted(5, 32, 1)])
+    evals /= np.linalg.norm(evals, axis=1, keepdims=True)
+    uids = [f"{(7919 * i) % 1000:04d}-{i}" for i in range(len(x))]  # uid order differs from row order
+    eval_uids = [f"e{i}" for i in range(len(evals))]
+    dup, comp = near_duplicates(x, uids, k=8, threshold=0.8, use_gpu="cpu")
+    matched = decontaminate(x, evals, eval_uids, 0.7, comp, use_gpu="cpu")
+    part = np.random.default_rng(1).integers(0, n_partitions, len(x))
+    parts = [query_partition(x, np.nonzero(part == p)[0], evals, 8, 0.8, np.zeros(0, dtype=np.int64), "cpu")
+             for p in range(n_partitions)]
+    merged = merge_partitions(len(x), parts, uids, 0.7, "first_uid")
+    np.testing.assert_array_equal(merged.duplicate_of, dup)
+    np.testing.assert_array_equal(merged.component, comp)
+    assert [None if e < 0 else eval_uids[e] for e in merged.contaminated_by] == matched
+    # every planted copy found: 30 groups of 3 lose 2 each; eval copies of rows 0, 40 (groups of 3) and 299
+    assert (dup >= 0).sum() == 60 and sum(m is not None for m in matched) == 7
+    np.testing.assert_allclose(merged.eval_sim, (x @ evals.T).max(axis=1), atol=1e-5)
+
+
+def test_partition_queries_roundtrip(tmp_path):
+    from curate.dedup_partitions import PartitionQueries, query_partition
+
+    x = _planted(40, 8, 2)
+    found = query_partition(x, np.arange(0, 40, 2), None, 4, 0.5, np.array([0, 10]), "cpu")
+    found.save(tmp_path / "part-00000.npz")
+    back = PartitionQueries.load(tmp_path / "part-00000.npz")
+    for name in ("rows", "edge_i", "edge_j", "edge_sim", "eval_index", "nn_rows", "nn_sim"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(found, name))
+    sims = x[[0, 10]] @ x.T
+    sims[[0, 1], [0, 10]] = -np.inf
+    np.testing.assert_allclose(back.nn_sim, sims.max(axis=1), atol=1e-5)
+    assert np.isnan(back.eval_sim).all() and (back.eval_index == -1).all()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from curate.config import load_curate_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "curate").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"cpu_demo.yaml", "imagenette.yaml"}
+    for path in configs:
+        cfg = load_curate_config(path)
+        assert cfg.name == path.stem and cfg.sources
