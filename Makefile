@@ -7,6 +7,7 @@ PYTEST_ARGS ?= -m "not gpu"
 .PHONY: test venv system-deps lint bench clean
 
 test: venv system-deps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(VENV)/.installed

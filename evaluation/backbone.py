@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -17,10 +18,36 @@ logger = logging.getLogger(__name__)
 RANDOM_WEIGHTS = "random"
 
 
+# Where a pretrain run keeps its consolidated teacher, and the architecture it was trained with.
+RUN_EXPORT_FILES = ("export/teacher_backbone.safetensors", "teacher_backbone.safetensors")
+RUN_MODEL_FILE = "model.json"
+# pretrain.meta_arch.ModelConfig field -> BackboneConfig field
+_RUN_FIELDS = {"arch": "arch", "depth": "depth", "patch_size": "patch_size", "img_size": "img_size",
+               "num_register_tokens": "num_register_tokens", "layerscale": "init_values", "ffn_layer": "ffn_layer",
+               "interpolate_antialias": "interpolate_antialias", "interpolate_offset": "interpolate_offset"}
+
+
+def resolve_run_weights(cfg: BackboneConfig) -> BackboneConfig:
+    """`cfg` with `weights` pointing at the teacher file of a pretrain run (or export) directory and the architecture
+    fields read from the run's model.json; any other `cfg` unchanged."""
+    root = Path(cfg.weights).expanduser()
+    if cfg.weights == RANDOM_WEIGHTS or not root.is_dir():
+        return cfg
+    for name in RUN_EXPORT_FILES:
+        if (root / name).is_file():
+            weights = root / name
+            model = json.loads((weights.parent / RUN_MODEL_FILE).read_text())
+            arch = {ours: model[theirs] for theirs, ours in _RUN_FIELDS.items() if theirs in model}
+            return replace(cfg, weights=str(weights), **arch)
+    raise FileNotFoundError(f"{root} is a directory without {' or '.join(RUN_EXPORT_FILES)}: pass a finished pretrain "
+                            f"run (or `python -m pretrain export RUN` it first), its export/, or a weights file")
+
+
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """A ViT of `cfg.arch` with `cfg.weights` loaded strictly (or a seeded random init), in eval mode."""
     from pretrain.models import build_vit
 
+    cfg = resolve_run_weights(cfg)
     kwargs = {
         "patch_size": cfg.patch_size,
         "img_size": cfg.img_size,
@@ -29,6 +56,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         "ffn_layer": cfg.ffn_layer,
         "interpolate_antialias": cfg.interpolate_antialias,
         "interpolate_offset": cfg.interpolate_offset,
+        **({"depth": cfg.depth} if cfg.depth else {}),
     }
     if cfg.weights == RANDOM_WEIGHTS:
         # fork_rng: a random-init backbone depends on cfg.seed only, and the caller's RNG stream is left as it was.
@@ -49,6 +77,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
 
 def weights_fingerprint(cfg: BackboneConfig) -> str:
     """Identifies the backbone's parameters: sha256 of the weights file, or the random-init recipe."""
+    cfg = resolve_run_weights(cfg)
     if cfg.weights == RANDOM_WEIGHTS:
         recipe = {k: v for k, v in asdict(cfg).items() if k != "weights"}
         return "random:" + hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:16]

@@ -16,8 +16,11 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 class BackboneConfig:
     """The backbone under evaluation: an architecture and the weights to put in it."""
 
-    weights: str = "random"  # a weights file load_pretrained accepts, or "random" for a seeded random init
+    # a weights file load_pretrained accepts, a pretrain run or export directory (its model.json then sets the
+    # architecture fields below), or "random" for a seeded random init
+    weights: str = "random"
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+    depth: int = 0  # 0: the architecture's depth
     patch_size: int = 14
     img_size: int = 518  # the official DINOv2 weights carry a 37x37 position grid (518 / 14)
     num_register_tokens: int = 0

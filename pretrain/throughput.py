@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -59,3 +60,10 @@ class Throughput:
             "step_time_s": step_seconds,
             "mfu": self.flops_per_step / step_seconds / self.peak if self.peak else float("nan"),
         }
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

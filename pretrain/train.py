@@ -35,7 +35,7 @@ from pretrain.models.flops import train_step_flops
 from pretrain.optim import OptimConfig, build_optimizer, clip_grad_norm
 from pretrain.run_logging import setup_logging
 from pretrain.schedules import TrainingSchedules
-from pretrain.throughput import Throughput, peak_flops
+from pretrain.throughput import Throughput, peak_flops, peak_memory_gib
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,7 @@ class Trainer:
             values = {**stats, **self.schedules.at(step).as_dict(),
                       **throughput.stats(images, step_seconds, data_seconds), "skipped_steps": self.state.skipped_steps,
                       "decode_errors": sum(int(b.get("n_decode_errors", 0)) for b in micro)}
-            if self.env.device.type == "cuda":
-                values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+            values["peak_memory_gib"] = peak_memory_gib(self.env.device)
             values = self.metrics.log(step, values)
             logger.info(format_console(step, cfg.total_steps, values, (
                 "total_loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "lr", "images_per_s", "mfu")))

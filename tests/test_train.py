@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from evaluation.backbone import build_backbone as build_eval_backbone
+from evaluation.config import BackboneConfig
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 from pretrain.models import load_pretrained
@@ -91,7 +93,7 @@ def test_run_writes_metrics_checkpoints_and_loadable_export(image_folder, tmp_pa
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     expected = {"total_loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "weight_decay", "momentum",
                 "teacher_temp", "grad_norm", "images_per_s", "data_time_s", "mfu", "teacher_entropy",
-                "skipped_steps", "decode_errors"}
+                "skipped_steps", "decode_errors", "peak_memory_gib", "teacher_mean_entropy"}
     assert expected <= records[-1].keys()
     assert all(np.isfinite(r["total_loss"]) for r in records)
     assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
@@ -189,6 +191,10 @@ def test_monitor_export_on_request_and_highres_phase(image_folder, tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     exported = load_file(tmp_path / "base" / "export" / "teacher_backbone.safetensors")
+    # evaluation takes the run directory as its weights and reads the architecture from the export's model.json
+    evaluated = build_eval_backbone(BackboneConfig(weights=str(tmp_path / "base")))
+    assert (len(evaluated.blocks), evaluated.patch_size, evaluated.embed_dim) == (2, 8, 192)
+    torch.testing.assert_close(evaluated.state_dict()["cls_token"], exported["cls_token"])
     assert exported["pos_embed"].shape == (1, 1 + 8 * 8, 192)  # cpu_tiny's grid: img_size 64 / patch 8
 
     overrides = tiny_overrides(image_folder, tmp_path, "highres", steps=2, init_weights=str(tmp_path / "base"))
@@ -200,3 +206,10 @@ def test_monitor_export_on_request_and_highres_phase(image_folder, tmp_path):
     torch.testing.assert_close(teacher["pos_embed"][:, 0], exported["pos_embed"][:, 0])  # the CLS position is kept
     trainer.fit()
     assert np.isfinite(read_metrics(tmp_path / "highres")[0]["total_loss"])
+
+
+def test_bf16_autocast_with_activation_checkpointing_trains(image_folder, tmp_path):
+    finish(run_cli(tiny_overrides(image_folder, tmp_path, "bf16", steps=2, precision="bf16",
+                                  activation_checkpointing="true", checkpoint_every=0)))
+    records = read_metrics(tmp_path / "bf16")
+    assert all(np.isfinite(r["total_loss"]) for r in records) and records[-1]["peak_memory_gib"] > 0
