@@ -47,7 +47,7 @@ class EmbedConfig:
     patch_size: int = 14
     num_register_tokens: int = 0
     ffn_layer: str = "mlp"  # "swiglufused" for the official ViT-g
-    weights: str = ""  # dinov2: checkpoint / release / official weights file (.pth, .safetensors)
+    weights: str = ""  # dinov2: a pretrain run directory, or a checkpoint / release / official weights file
     open_clip_model: str = "ViT-B-32"  # open_clip: architecture name
     open_clip_pretrained: str = ""  # open_clip: local weights file
     image_size: int = 224  # network input side (resize shorter side, centre crop)
@@ -123,9 +123,17 @@ def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> E
     from pretrain.models import build_vit, load_pretrained
 
     if pretrained and not cfg.weights:
-        raise ValueError("embed.kind=dinov2 needs embed.weights: a checkpoint, release or official DINOv2 file")
+        raise ValueError("embed.kind=dinov2 needs embed.weights: a pretrain run directory, or a checkpoint, "
+                         "release or official DINOv2 file")
+    if pretrained and Path(cfg.weights).is_dir():
+        from pretrain.export import load_exported_backbone
+
+        # our own pretrain run: its model config sets the architecture, the embed.arch fields are not used
+        model = load_exported_backbone(cfg.weights).to(device)
+        name = f"dinov2-run-{Path(cfg.weights).resolve().name}-{cfg.image_size}"
+        return Embedder(name, model.embed_dim, vit_transform(cfg.image_size), model, device, cfg.image_size)
     if pretrained and not Path(cfg.weights).is_file():
-        raise FileNotFoundError(f"embed.weights={cfg.weights!r}: no such file")
+        raise FileNotFoundError(f"embed.weights={cfg.weights!r}: no such file or pretrain run directory")
     if not pretrained:
         torch.manual_seed(cfg.seed)
     model = build_vit(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size,

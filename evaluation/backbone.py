@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,36 +17,15 @@ logger = logging.getLogger(__name__)
 RANDOM_WEIGHTS = "random"
 
 
-# Where a pretrain run keeps its consolidated teacher, and the architecture it was trained with.
-RUN_EXPORT_FILES = ("export/teacher_backbone.safetensors", "teacher_backbone.safetensors")
-RUN_MODEL_FILE = "model.json"
-# pretrain.meta_arch.ModelConfig field -> BackboneConfig field
-_RUN_FIELDS = {"arch": "arch", "depth": "depth", "patch_size": "patch_size", "img_size": "img_size",
-               "num_register_tokens": "num_register_tokens", "layerscale": "init_values", "ffn_layer": "ffn_layer",
-               "interpolate_antialias": "interpolate_antialias", "interpolate_offset": "interpolate_offset"}
-
-
-def resolve_run_weights(cfg: BackboneConfig) -> BackboneConfig:
-    """`cfg` with `weights` pointing at the teacher file of a pretrain run (or export) directory and the architecture
-    fields read from the run's model.json; any other `cfg` unchanged."""
-    root = Path(cfg.weights).expanduser()
-    if cfg.weights == RANDOM_WEIGHTS or not root.is_dir():
-        return cfg
-    for name in RUN_EXPORT_FILES:
-        if (root / name).is_file():
-            weights = root / name
-            model = json.loads((weights.parent / RUN_MODEL_FILE).read_text())
-            arch = {ours: model[theirs] for theirs, ours in _RUN_FIELDS.items() if theirs in model}
-            return replace(cfg, weights=str(weights), **arch)
-    raise FileNotFoundError(f"{root} is a directory without {' or '.join(RUN_EXPORT_FILES)}: pass a finished pretrain "
-                            f"run (or `python -m pretrain export RUN` it first), its export/, or a weights file")
-
-
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """A ViT of `cfg.arch` with `cfg.weights` loaded strictly (or a seeded random init), in eval mode."""
     from pretrain.models import build_vit
 
-    cfg = resolve_run_weights(cfg)
+    if _is_run_directory(cfg.weights):
+        from pretrain.export import load_exported_backbone
+
+        logger.info("built the teacher backbone of pretrain run %s", cfg.weights)
+        return load_exported_backbone(cfg.weights)
     kwargs = {
         "patch_size": cfg.patch_size,
         "img_size": cfg.img_size,
@@ -77,7 +55,10 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
 
 def weights_fingerprint(cfg: BackboneConfig) -> str:
     """Identifies the backbone's parameters: sha256 of the weights file, or the random-init recipe."""
-    cfg = resolve_run_weights(cfg)
+    if _is_run_directory(cfg.weights):
+        from pretrain.export import BACKBONE_FILE, find_export
+
+        return "sha256:" + file_sha256(find_export(cfg.weights) / BACKBONE_FILE)
     if cfg.weights == RANDOM_WEIGHTS:
         recipe = {k: v for k, v in asdict(cfg).items() if k != "weights"}
         return "random:" + hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:16]
@@ -90,6 +71,11 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _is_run_directory(weights: str) -> bool:
+    """A pretrain run or export directory: its model.json sets the architecture, the config's fields are unused."""
+    return weights != RANDOM_WEIGHTS and bool(weights) and Path(weights).expanduser().is_dir()
 
 
 def _weights_path(weights: str) -> Path:

@@ -16,8 +16,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 class BackboneConfig:
     """The backbone under evaluation: an architecture and the weights to put in it."""
 
-    # a weights file load_pretrained accepts, a pretrain run or export directory (its model.json then sets the
-    # architecture fields below), or "random" for a seeded random init
+    # a weights file load_pretrained accepts, a pretrain run or export directory (its model.json then replaces
+    # the architecture fields below), or "random" for a seeded random init
     weights: str = "random"
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
     depth: int = 0  # 0: the architecture's depth

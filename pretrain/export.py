@@ -11,7 +11,7 @@ from torch import nn
 
 from pretrain.checkpoint import export_full_state_dict
 from pretrain.distributed import DistributedEnv, barrier
-from pretrain.meta_arch import SSLMetaArch
+from pretrain.meta_arch import ModelConfig, SSLMetaArch, build_backbone
 from pretrain.models import load_heads, load_pretrained, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -71,17 +71,38 @@ def load_initial_weights(meta: SSLMetaArch, source: str | Path) -> None:
     logger.info("initialised student and teacher from %s%s", backbone_file, f" + {heads_file}" if heads_file else "")
 
 
+def find_export(path: str | Path) -> Path | None:
+    """The export folder of a pretrain run directory (or the export folder itself); None when `path` is neither."""
+    path = Path(path).expanduser()
+    for folder in (path / "export", path):
+        if (folder / BACKBONE_FILE).is_file():
+            return folder
+    return None
+
+
+def load_exported_backbone(path: str | Path) -> nn.Module:
+    """The teacher backbone of a pretrain run (or its export folder), built from the run's model config, in eval
+    mode: how evaluation and curation use our own models."""
+    folder = find_export(path)
+    if folder is None:
+        raise FileNotFoundError(f"{path}: no {BACKBONE_FILE} in it or in its export/ folder; pass a finished pretrain "
+                                f"run directory (or run `python -m pretrain export RUN` first), or its export/ folder")
+    backbone = build_backbone(ModelConfig(**json.loads((folder / MODEL_CONFIG_FILE).read_text())), drop_path=False)
+    load_pretrained(backbone, folder / BACKBONE_FILE)
+    return backbone.eval()
+
+
 def _resolve(source: Path) -> tuple[Path, Path | None]:
     if source.is_file():
         return source, None
-    for export_dir in (source / "export", source):
-        if (export_dir / BACKBONE_FILE).is_file():
-            heads = export_dir / HEADS_FILE
-            return export_dir / BACKBONE_FILE, heads if heads.is_file() else None
-    raise FileNotFoundError(
-        f"init_weights={source}: no weights file and no {BACKBONE_FILE} in it or in its export/ folder; pass a "
-        f"finished pretrain run directory, its export/ folder, or a backbone weights file"
-    )
+    folder = find_export(source)
+    if folder is None:
+        raise FileNotFoundError(
+            f"init_weights={source}: no weights file and no {BACKBONE_FILE} in it or in its export/ folder; pass a "
+            f"finished pretrain run directory, its export/ folder, or a backbone weights file"
+        )
+    heads = folder / HEADS_FILE
+    return folder / BACKBONE_FILE, heads if heads.is_file() else None
 
 
 def _load_heads(side: nn.ModuleDict, heads: dict, source: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from curate.embed import EmbedConfig, build_embedder
 from evaluation.backbone import build_backbone as build_eval_backbone
 from evaluation.config import BackboneConfig
 from pretrain.config import load_config
@@ -195,6 +196,11 @@ def test_monitor_export_on_request_and_highres_phase(image_folder, tmp_path):
     evaluated = build_eval_backbone(BackboneConfig(weights=str(tmp_path / "base")))
     assert (len(evaluated.blocks), evaluated.patch_size, evaluated.embed_dim) == (2, 8, 192)
     torch.testing.assert_close(evaluated.state_dict()["cls_token"], exported["cls_token"])
+    # curation embeds with the same run
+    embedder = build_embedder(EmbedConfig(kind="dinov2", weights=str(tmp_path / "base"), image_size=32))
+    vectors = embedder.embed_batch(torch.stack([embedder.transform(Image.open(p)) for p in
+                                                sorted(image_folder.glob("class0/*.jpg"))[:3]]))
+    assert vectors.shape == (3, 192) and np.allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1, atol=1e-2)
     assert exported["pos_embed"].shape == (1, 1 + 8 * 8, 192)  # cpu_tiny's grid: img_size 64 / patch 8
 
     overrides = tiny_overrides(image_folder, tmp_path, "highres", steps=2, init_weights=str(tmp_path / "base"))
