@@ -201,7 +201,7 @@ def test_monitor_export_on_request_and_highres_phase(image_folder, tmp_path):
     vectors = embedder.embed_batch(torch.stack([embedder.transform(Image.open(p)) for p in
                                                 sorted(image_folder.glob("class0/*.jpg"))[:3]]))
     assert vectors.shape == (3, 192) and np.allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1, atol=1e-2)
-    assert exported["pos_embed"].shape == (1, 1 + 8 * 8, 192)  # cpu_tiny's grid: img_size 64 / patch 8
+    assert exported["pos_embed"].shape == (1, 1 + 6 * 6, 192)  # cpu_tiny's grid: img_size 48 / patch 8
 
     overrides = tiny_overrides(image_folder, tmp_path, "highres", steps=2, init_weights=str(tmp_path / "base"))
     overrides += ["model.img_size=96", "data.multicrop.global_crops_size=48", "data.multicrop.local_crops_size=24"]
