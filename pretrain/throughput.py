@@ -20,8 +20,8 @@ GPU_PEAK_TFLOPS = {
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
                         seconds: float = 1.0) -> float:
     """FLOP/s of the fastest of repeated square matmuls on `device` over about `seconds`: the practical peak that
-    MFU is measured against on CPU (the fastest call is the one least disturbed by other load). 2048 is large
-    enough to reach the BLAS peak on CPU; 1024 under-reports it by ~2x there."""
+    MFU is measured against on CPU (the fastest call is the one least disturbed by other load). On the 2-core
+    development machine 1024 read ~13% below 2048."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
