@@ -1,7 +1,5 @@
-"""The few collectives the losses need, as no-ops when torch.distributed is not initialised.
-
-Losses call these directly (rather than through a process-group wrapper) so that one code path serves a single
-CPU process, torchrun, and Slurm jobs: the reductions always run over the default process group.
+"""The collectives the losses need beyond `pretrain.distributed`'s, as no-ops when torch.distributed is not
+initialised: one code path serves a single CPU process, torchrun and Slurm jobs (default process group).
 """
 
 from __future__ import annotations
@@ -10,17 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pretrain.distributed import all_reduce_sum as all_reduce_sum_
+from pretrain.distributed import is_distributed
 
-def is_distributed() -> bool:
-    """True when a default process group exists (collectives must then be called by every rank)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum `tensor` in place over all processes; returns it for chaining."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+__all__ = ["all_reduce_max_", "all_reduce_sum_", "global_logsumexp", "is_distributed"]
 
 
 def all_reduce_max_(tensor: Tensor) -> Tensor:
