@@ -19,7 +19,32 @@ _PATH_AND_LABEL = re.compile(r"^(.*\S)\s+(-?\d+)$")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
 
 
-class ImageFolderSource:
+class LocalFileSource:
+    """Samples that are files on a local file system: `paths[i]` with `labels[i]` (-1 when unknown)."""
+
+    paths: list[str]
+    labels: list[int]
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels of all samples, in order (torchvision's attribute name)."""
+        return self.labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
+
+    def read(self, index: int) -> bytes:
+        with open(self.paths[index], "rb") as f:
+            return f.read()
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
+
+
+class ImageFolderSource(LocalFileSource):
     """`root/<class>/**/<image>`: label = index of the class folder in sorted order (torchvision's convention)."""
 
     kind = "imagefolder"
@@ -57,24 +82,6 @@ class ImageFolderSource:
             raise ValueError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
         _log_rejections(self.root, self.rejected)
 
-    @property
-    def targets(self) -> list[int]:
-        """Labels of all samples, in order (torchvision's attribute name)."""
-        return self.labels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def name(self, index: int) -> str:
-        return self.paths[index]
-
-    def read(self, index: int) -> bytes:
-        with open(self.paths[index], "rb") as f:
-            return f.read()
-
-    def label(self, index: int) -> int:
-        return self.labels[index]
-
     def describe(self) -> str:
         return (
             f"ImageFolder {self.root}: {len(self)} images in {len(self.classes)} classes"
@@ -82,7 +89,7 @@ class ImageFolderSource:
         )
 
 
-class FileListSource:
+class FileListSource(LocalFileSource):
     """A text (`.txt`: `path [label]` per line) or CSV (`path,label` rows, optional header) list of image files.
 
     Relative paths are resolved against the list's folder; blank lines and lines starting with `#` are ignored;
@@ -109,23 +116,6 @@ class FileListSource:
             self.labels.append(label)
         if not self.paths:
             raise ValueError(f"{list_path}: the file list names no images")
-
-    @property
-    def targets(self) -> list[int]:
-        return self.labels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def name(self, index: int) -> str:
-        return self.paths[index]
-
-    def read(self, index: int) -> bytes:
-        with open(self.paths[index], "rb") as f:
-            return f.read()
-
-    def label(self, index: int) -> int:
-        return self.labels[index]
 
     def describe(self) -> str:
         labelled = sum(label >= 0 for label in self.labels)
