@@ -6,8 +6,8 @@ run resumed from a checkpoint, on any number of processes, continues exactly as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from pretrain.distributed import (
     apply_activation_checkpointing,
     apply_compile,
     apply_fsdp,
+    autocast,
     ema_update,
     init_distributed,
 )
@@ -49,7 +50,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3
-    precision: str = "fp32"  # bf16: FSDP2 bf16 params + fp32 reduce on CUDA, bf16 autocast on CPU
+    precision: str = "fp32"  # bf16: FSDP2 bf16 params + fp32 reduce when sharded, else bf16 autocast
     activation_checkpointing: bool = False
     compile: bool = False
     max_consecutive_nonfinite: int = 5
@@ -154,8 +155,11 @@ class Trainer:
             logger.info("resumed from step %d (%s)", step, self.checkpointer.root)
 
     def autocast(self):
-        enabled = self.cfg.precision == "bf16" and self.env.device.type == "cpu"
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast for an unsharded model (one process, CPU or GPU); sharded models compute in bf16 through
+        their FSDP2 MixedPrecisionPolicy."""
+        if self.env.world_size > 1:
+            return contextlib.nullcontext()
+        return autocast(self.env.device, self.cfg.precision)
 
     def train_step(self, micro_batches: list[dict]) -> tuple[bool, dict[str, torch.Tensor]]:
         """One optimizer step over `micro_batches` (gradient accumulation); False when it was skipped."""
@@ -255,6 +259,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) the pretraining run of `cfg`; returns its run directory."""
-    if not math.isfinite(cfg.total_steps) or cfg.total_steps <= 0:
+    if cfg.total_steps <= 0:
         raise ValueError(f"total_steps must be a positive integer, got {cfg.total_steps}")
     return Trainer(cfg).fit()

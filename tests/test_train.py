@@ -219,3 +219,14 @@ def test_bf16_autocast_with_activation_checkpointing_trains(image_folder, tmp_pa
                                   activation_checkpointing="true", checkpoint_every=0)))
     records = read_metrics(tmp_path / "bf16")
     assert all(np.isfinite(r["total_loss"]) for r in records) and records[-1]["peak_memory_gib"] > 0
+
+
+def test_single_process_bf16_computes_in_bf16(image_folder, tmp_path):
+    """One process is left unsharded (no MixedPrecisionPolicy), so precision=bf16 must come from autocast."""
+    trainer = Trainer(load_config(TrainConfig, CONFIG, tiny_overrides(image_folder, tmp_path, "amp", precision="bf16")))
+    layer = trainer.meta.student["backbone"].blocks[0].attn.qkv
+    with trainer.autocast():
+        assert layer(torch.randn(2, 192)).dtype == torch.bfloat16
+    fp32 = Trainer(load_config(TrainConfig, CONFIG, tiny_overrides(image_folder, tmp_path, "fp32")))
+    with fp32.autocast():
+        assert fp32.meta.student["backbone"].blocks[0].attn.qkv(torch.randn(2, 192)).dtype == torch.float32
