@@ -22,13 +22,7 @@ from pretrain.data.multicrop import (
 SMALL = {"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions are slower with several threads on a shared CPU; workers use one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from curate_photos import dataset_root
 from evaluation.config import BackboneConfig, KnnEvalConfig
 from evaluation.evaluate import run_evaluation
 from pretrain.config import load_config
+from pretrain.meta_arch import ModelConfig
 from pretrain.metrics import read_metrics
 from pretrain.train import TrainConfig
 
@@ -29,9 +30,8 @@ CONFIG = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"
 MARGIN = 2.5  # k-NN top-1 points; measured: 29.5% -> 33.4%
 
 
-def knn_top1(weights: str, root: Path, out: Path) -> float:
-    """k-NN (k=20) top-1 on Imagenette val; `weights` is "random" or a pretrain run directory."""
-    model = load_config(TrainConfig, CONFIG, ["data.dataset=unused"]).model
+def knn_top1(model: ModelConfig, weights: str, root: Path, out: Path) -> float:
+    """k-NN (k=20) top-1 on Imagenette val of `model`; `weights` is "random" or a pretrain run directory."""
     cfg = KnnEvalConfig(name=out.name, train=str(root / "train"), val=str(root / "val"), out=str(out))
     cfg.model = BackboneConfig(weights=weights, arch=model.arch, depth=model.depth, patch_size=model.patch_size,
                                img_size=model.img_size, init_values=model.layerscale)
@@ -51,8 +51,9 @@ def test_cpu_tiny_learns_on_imagenette(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    random_init = knn_top1("random", root, tmp_path / "eval_random")
-    trained = knn_top1(str(tmp_path / "cpu_tiny"), root, tmp_path / "eval_trained")
+    cfg = load_config(TrainConfig, CONFIG, [f"data.dataset={root / 'train'}"])
+    random_init = knn_top1(cfg.model, "random", root, tmp_path / "eval_random")
+    trained = knn_top1(cfg.model, str(tmp_path / "cpu_tiny"), root, tmp_path / "eval_trained")
     print(f"Imagenette val k-NN top-1 (k=20): random init {random_init:.1f}%, cpu_tiny trained {trained:.1f}%")
     assert trained >= random_init + MARGIN, (random_init, trained)
 
@@ -61,6 +62,6 @@ def test_cpu_tiny_learns_on_imagenette(tmp_path):
     assert last["dino_loss"] < first["dino_loss"] and last["ibot_loss"] < first["ibot_loss"]
     # No collapse: the teacher's targets are sharper than uniform (log K) but spread over many prototypes, and
     # the batch as a whole still uses all of them.
-    log_k = math.log(load_config(TrainConfig, CONFIG, ["data.dataset=unused"]).loss.dino_head.out_dim)
+    log_k = math.log(cfg.loss.dino_head.out_dim)
     assert 0.25 * log_k < last["teacher_entropy"] < 0.9 * log_k
     assert last["teacher_mean_entropy"] > 0.9 * log_k
