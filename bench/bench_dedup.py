@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import Clock  # noqa: E402
 from curate.dedup import (  # noqa: E402
     contamination_matches,
     exact_duplicates,
@@ -57,16 +58,6 @@ def make_data(n: int, d: int, dup_fraction: float, n_eval: int, seed: int):
     ev = rng.standard_normal((n_eval, d), dtype=np.float32)
     ev /= np.linalg.norm(ev, axis=1, keepdims=True)
     return x.astype(np.float16), sha, uids, ev.astype(np.float16)
-
-
-class Clock:
-    """Wall and process CPU seconds since creation (CPU time is steadier on a machine shared with other jobs)."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def read(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def query_rows(n: int, fraction: float, seed: int) -> np.ndarray:

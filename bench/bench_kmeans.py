@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import Clock  # noqa: E402
 from curate.cluster import ClusterConfig, hierarchical_kmeans, spherical_kmeans  # noqa: E402
 from curate.knn_graph import resolve_use_gpu  # noqa: E402
 
@@ -31,16 +32,6 @@ def make_data(n: int, d: int, seed: int) -> np.ndarray:
     x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float16)
-
-
-class Clock:
-    """Wall and process CPU seconds since creation (CPU time is steadier on a machine shared with other jobs)."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def read(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def bare_faiss(x16: np.ndarray, k: int, n_iter: int, seed: int, mppc: int, use_gpu: bool) -> tuple[float, float]:

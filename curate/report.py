@@ -164,16 +164,25 @@ def _cluster_hist_section(t: pa.Table) -> str:
     return section("Cluster sizes", "".join(parts)) if parts else ""
 
 
-def _duplicates_section(pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
+def _groups(pool: list[dict], status: str, key: str) -> dict[str, list[dict]]:
+    """Rows of `status` grouped by their (non-empty) `key` column: the image kept, the eval image, the selection."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in pool:
-        if r["status"] == "duplicate":
-            groups[r["duplicate_of"]].append(r)
+        if r["status"] == status and r[key]:
+            groups[r[key]].append(r)
+    return groups
+
+
+def _largest(groups: dict[str, list[dict]], count: int) -> list[tuple[str, list[dict]]]:
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:count]
+
+
+def _duplicates_section(pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
+    groups = _groups(pool, "duplicate", "duplicate_of")
     if not groups:
         return ""
-    largest = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: cfg.max_groups]
     parts = []
-    for keep, members in largest:
+    for keep, members in _largest(groups, cfg.max_groups):
         tiles = [thumbs.tile(keep, f"kept {keep[:8]}", "key")]
         tiles += [thumbs.tile(m["uid"], f"{m['duplicate_kind']} {m['uid'][:8]}", "bad")
                   for m in members[: cfg.images_per_group - 1]]
@@ -184,15 +193,11 @@ def _duplicates_section(pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: Re
 
 
 def _contamination_section(pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in pool:
-        if r["status"] == "contaminated":
-            groups[r["contaminated_by"]].append(r)
+    groups = _groups(pool, "contaminated", "contaminated_by")
     if not groups:
         return ""
-    largest = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: cfg.max_groups]
     parts = []
-    for eval_uid, members in largest:
+    for eval_uid, members in _largest(groups, cfg.max_groups):
         tiles = [thumbs.tile(eval_uid, f"eval {eval_uid[:8]}", "key")]
         tiles += [thumbs.tile(m["uid"], f"{m['eval_similarity'] or 0:.2f} {m['uid'][:8]}", "bad")
                   for m in members[: cfg.images_per_group - 1]]
@@ -224,16 +229,13 @@ def _clusters_section(t: pa.Table, pool: list[dict], thumbs: _Thumbs, cfg: Repor
 
 
 def _retrieval_section(rows: list[dict], pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
-    picked: dict[str, list[dict]] = defaultdict(list)
-    for r in pool:
-        if r["status"] == "selected" and r["selected_by"]:
-            picked[r["selected_by"]].append(r)
+    picked = _groups(pool, "selected", "selected_by")
     if not picked:
         return ""
     seeds = [r for r in rows if r["role"] == "seed" and r["status"] == "ok"]
     parts = []
-    for reason in sorted(picked, key=lambda k: (-len(picked[k]), k))[: cfg.max_groups]:
-        rs = sorted(picked[reason], key=lambda r: -(r["retrieval_score"] or 0.0))
+    for reason, members in _largest(picked, cfg.max_groups):
+        rs = sorted(members, key=lambda r: -(r["retrieval_score"] or 0.0))
         kind, _, ref = reason.partition(":")
         tiles = []
         if kind == "seed" and ref in by_uid:

@@ -62,8 +62,9 @@ def train_supervised_embedder(paths: list[Path], labels: list[int], epochs: int 
             thumbs.append(thumbnail(image))
     images = torch.from_numpy(np.stack(thumbs)).permute(0, 3, 1, 2)
     targets = torch.as_tensor(labels)
-    mean = (images.float() / 255).mean((0, 2, 3), keepdim=True)
-    std = (images.float() / 255).std((0, 2, 3), keepdim=True)
+    pixels = images.float() / 255
+    mean, std = pixels.mean((0, 2, 3), keepdim=True), pixels.std((0, 2, 3), keepdim=True)
+    del pixels
     backbone = small_cnn(width)
     classifier = nn.Linear(8 * width, int(targets.max()) + 1)
     params = [*backbone.parameters(), *classifier.parameters()]

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_dedup.py"
-sys.path.insert(0, str(BENCH.parent))
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "bench_dedup.py"
+sys.path.insert(0, str(REPO))  # the bench scripts are not installed; `bench` imports as a namespace package
 
-from bench_dedup import query_rows  # noqa: E402
+from bench.bench_dedup import query_rows  # noqa: E402
 
 
 def test_query_rows_are_all_rows_or_a_sorted_sample():
