@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command not in PARTITIONED_STEPS:
                     print(f"--partitions applies to {', '.join(PARTITIONED_STEPS)} only", file=sys.stderr)
                     return 2
+                if args.force:
+                    print("--force with --partitions would discard the partitions other tasks finished; force the "
+                          "whole step once (without --partitions) instead", file=sys.stderr)
+                    return 2
                 try:
                     parts = parse_partition_list(args.partitions, cfg.partitions)
                 except ValueError as err:

@@ -1,9 +1,12 @@
 """The run directory of a curation run, and the completion markers that make every step restartable.
 
 A marker `_SUCCESS.<step>` is written last by a step and holds a fingerprint of what the step's output depends on:
-its own config section and the fingerprints of the steps it read. A step whose marker matches is skipped; one whose
-marker does not match (its config, or an upstream result, changed) is redone, and so, in turn, are the steps after it.
-Non-semantic knobs (batch size, workers, device) are left out of the fingerprints so changing them redoes nothing.
+its own config section and the `output` ids of the steps it read. The `output` id hashes the fingerprint and the
+step's summary, which for ingest includes a digest of every row's uid and sha256: re-ingesting files whose bytes
+changed gives a new id, so everything after it is redone. A step whose marker matches is skipped; one whose marker
+does not match (its config, or an upstream result, changed) is redone, and a step that runs removes the markers
+of the steps after it, which rebuild their manifest columns. Non-semantic knobs (batch size, workers, device) are
+left out of the fingerprints, so changing them redoes nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "shard": ("retrieve",),
     "report": ("ingest", "embed", "dedup", "cluster", "retrieve", "shard"),  # whichever have run
 }
-PERFORMANCE_KEYS = {"batch_size", "num_workers", "device", "chunksize", "use_gpu", "log_every"}
+PERFORMANCE_KEYS = {"batch_size", "num_workers", "device", "chunksize", "use_gpu"}
+
+
+def downstream(step: str) -> list[str]:
+    """The steps that read `step`'s outputs, directly or through other steps, in pipeline order."""
+    after: set[str] = set()
+    for other in STEPS:  # STEPS is in pipeline order, so one pass sees every step's readers after the step
+        if step in UPSTREAM[other] or after & set(UPSTREAM[other]):
+            after.add(other)
+    return [s for s in STEPS if s in after]
 
 
 class StepOrderError(RuntimeError):
@@ -63,10 +75,6 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.parquet"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
 
     def embeddings(self, model: str) -> Path:
         return self.root / "embeddings" / model
@@ -122,7 +130,7 @@ class RunDir:
                     raise StepOrderError(f"step {step!r} needs step {up!r} first, which {state}: run "
                                          f"`python -m curate {up} CONFIG` (or `run` for every step)")
                 continue
-            upstream[up] = marker["fingerprint"]
+            upstream[up] = marker.get("output", marker["fingerprint"])
         return fingerprint({"step": step, "config": semantic(sections(step)), "upstream": upstream})
 
     def is_done(self, step: str, expected: str) -> bool:
@@ -138,19 +146,29 @@ class RunDir:
 
     def write_marker(self, step: str, expected: str, summary: dict, started: float) -> Path:
         """Mark `step` complete (atomic write, last action of the step)."""
-        doc = {"step": step, "fingerprint": expected, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "elapsed_s": round(time.time() - started, 3), "summary": summary}
+        doc = {"step": step, "fingerprint": expected, "output": fingerprint({"fingerprint": expected,
+                                                                            "summary": summary}),
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(time.time() - started, 3),
+               "summary": summary}
         return atomic_write_json(self.marker(step), doc)
 
-    def prepare_output(self, folder: Path, expected: str) -> None:
-        """Create `folder` for a step's outputs; partial outputs of an older fingerprint are wiped first.
+    def invalidate_downstream(self, step: str) -> None:
+        """Remove the markers of every step after `step` (it is about to rewrite what they read)."""
+        for later in downstream(step):
+            if self.marker(later).exists():
+                log.info("step %s runs: step %s will be redone", step, later)
+                self.marker(later).unlink(missing_ok=True)
+
+    def prepare_output(self, folder: Path, expected: str, fresh: bool = False) -> None:
+        """Create `folder` for a step's outputs; partial outputs of an older fingerprint (or any, when `fresh`: a
+        forced step) are wiped first.
 
         Partition files of an interrupted run are kept when the fingerprint matches, which is what lets a rerun
         (or a requeued Slurm array task) continue where it stopped.
         """
         stamp = folder / "_FINGERPRINT"
         if folder.exists():
-            if stamp.is_file() and stamp.read_text().strip() == expected:
+            if not fresh and stamp.is_file() and stamp.read_text().strip() == expected:
                 return
             log.info("removing outdated partial outputs in %s", folder)
             shutil.rmtree(folder)

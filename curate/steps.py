@@ -98,6 +98,7 @@ def _execute(cfg: CurateConfig, step: str, body: Callable[[RunDir, str], dict | 
         return StepResult(step, "skipped", (run.read_marker(step) or {}).get("summary", {}))
     started = time.time()
     log.info("step %s: starting in %s", step, run.root)
+    run.invalidate_downstream(step)
     summary = body(run, expected)
     if summary is None:
         return StepResult(step, "partial")
@@ -139,8 +140,12 @@ def ingest(cfg: CurateConfig, force: bool = False) -> StepResult:
         table = ingest_sources(role_sources, cfg.ingest, cfg.partitions)
         write_manifest(table, run.manifest)
         counts = check_accounting(table)
+        content = hashlib.sha256()
+        for uid, sha in zip(table.column("uid").to_pylist(), table.column("sha256").to_pylist(), strict=True):
+            content.update(f"{uid} {sha}\n".encode())
         return {"inputs": table.num_rows, "pool_ok": counts["ok"], "pool_rejected": counts["rejected"],
-                **{f"{role}_rows": int(mask_of(table, role).sum()) for role in ("seed", "eval")}}
+                **{f"{role}_rows": int(mask_of(table, role).sum()) for role in ("seed", "eval")},
+                "content_sha256": content.hexdigest()}
 
     return _execute(cfg, "ingest", body, force)
 
@@ -162,9 +167,7 @@ def embed(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: boo
                 settings.append(cfg.dedup_embed)
         stores = [EmbeddingStore(run.embeddings(e.name), cfg.partitions) for e in embedders]
         for store in stores:
-            if force and store.root.exists():
-                (store.root / "_FINGERPRINT").unlink(missing_ok=True)  # makes prepare_output start afresh
-            run.prepare_output(store.root, expected)
+            run.prepare_output(store.root, expected, fresh=force)
         table = read_manifest(run.manifest)
         accepted = ~mask_of(table, statuses=["rejected"])
         part_of = table.column("partition").to_numpy()
@@ -261,9 +264,7 @@ def dedup(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: boo
         base = pool[exact < 0]  # manifest rows of the deduplication base: one image per distinct file
         base_uids = [uid_col[i] for i in base]
         queries_dir = run.dedup / "queries"
-        if force and queries_dir.exists():
-            (queries_dir / "_FINGERPRINT").unlink(missing_ok=True)
-        run.prepare_output(queries_dir, expected)
+        run.prepare_output(queries_dir, expected, fresh=force)
         todo = [p for p in (partitions if partitions is not None else range(cfg.partitions))
                 if not (queries_dir / f"part-{p:05d}.npz").is_file()]
         evals = np.nonzero(mask_of(table, "eval", ["ok"]))[0]
@@ -363,7 +364,7 @@ def cluster(cfg: CurateConfig, force: bool = False) -> StepResult:
             seed_emb = store.gather([uid_col[i] for i in seeds]).astype(np.float32)
             seed_assign = [assign_to_centroids(seed_emb, hierarchy[0].centroids, cfg.cluster.use_gpu)]
             for level in range(len(hierarchy) - 1):
-                seed_assign.append(parent_clusters(hierarchy, level)[seed_assign[-1]])
+                seed_assign.append(parent_clusters(hierarchy, level, cfg.cluster.use_gpu)[seed_assign[-1]])
         run.clusters.mkdir(parents=True, exist_ok=True)
         columns = {}
         for level, (centroids, assign) in enumerate(hierarchy):
@@ -469,9 +470,7 @@ def shard(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: boo
     """Write the selected samples to WebDataset shards (original bytes + JSON metadata) and shards/index.json."""
 
     def body(run: RunDir, expected: str) -> dict | None:
-        if force and run.shards.exists():
-            (run.shards / "_FINGERPRINT").unlink(missing_ok=True)
-        run.prepare_output(run.shards, expected)
+        run.prepare_output(run.shards, expected, fresh=force)
         table = read_manifest(run.manifest)
         rows = table.filter(pc.equal(table.column("status"), "selected")).to_pylist()
         plan = plan_all_shards(rows, cfg.partitions, cfg.shards.max_count, cfg.shards.max_bytes)

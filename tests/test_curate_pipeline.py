@@ -24,14 +24,13 @@ import yaml
 from curate_photos import photo_paths
 from PIL import Image
 
-pytest.importorskip("curate.embed", reason="the ALGORITHMS side of curate (curate/embed.py...) is not there yet")
-
 from curate.config import load_curate_config  # noqa: E402
 from curate.copydetect import RECOMMENDED_THRESHOLD  # noqa: E402
 from curate.manifest import check_accounting, read_manifest  # noqa: E402
 from curate.rundir import RunDir  # noqa: E402
 from curate.shards import read_index, verify_shards  # noqa: E402
 from curate.steps import run_all, run_step  # noqa: E402
+from pretrain.data.datasets import build_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_PER_CLASS = 12  # x 10 classes x 2 datasets = 240 real photos
@@ -180,8 +179,7 @@ def test_shards_hold_exactly_the_selected_samples(reference):
 
 
 def test_pretraining_loader_reads_the_run(reference):
-    datasets = pytest.importorskip("pretrain.data.datasets")
-    ds = datasets.build_dataset(str(reference["run"].root), with_labels=False)
+    ds = build_dataset(str(reference["run"].root), with_labels=False)
     n_selected = sum(r["status"] == "selected" for r in _rows(reference["run"]).values())
     assert len(ds) == n_selected
     assert isinstance(ds[0], Image.Image)
@@ -195,6 +193,15 @@ def test_report_has_pictures(reference):
 def test_rerun_skips_everything(reference):
     results = run_all(reference["cfg"])
     assert [r.status for r in results] == ["skipped"] * 7
+
+
+def test_forced_ingest_redoes_the_steps_after_it(reference, tmp_path):
+    """Ingest rewrites the manifest: every later step must run again (not skip on a stale marker), to the same end."""
+    shutil.copytree(reference["run"].root, tmp_path / "runs" / "e2e")
+    cfg = load_curate_config(reference["cfg_path"], [f"runs_root={tmp_path / 'runs'}"])
+    assert run_step("ingest", cfg, force=True).status == "done"
+    assert [r.status for r in run_all(cfg)] == ["skipped"] + ["done"] * 6
+    _same_outputs(reference["run"], RunDir(cfg.run_dir))
 
 
 def _cli(cfg_path: Path, *args: str, **kw) -> subprocess.Popen:
@@ -250,7 +257,7 @@ def test_shard_step_resumes_partial_output(reference, tmp_path):
     shards = sorted(run.shards.glob("*.tar"))
     shards[0].unlink()
     (run.shards / "_parts" / "000001.json").unlink()
-    half = shards[2].with_name(shards[2].name + ".tmp")
+    half = shards[2].with_name(f".{shards[2].name}.99999.tmp")  # a killed writer's temporary file
     half.write_bytes(shards[2].read_bytes()[:5000])
     shards[2].unlink()
     untouched = {p.name: p.stat().st_mtime_ns for p in shards[3:]}
@@ -289,6 +296,7 @@ def test_command_line_errors_are_clear(inputs, tmp_path, capsys):
         (["run", cfg_path, "--partitions", "1"], 2, "applies to a single step"),
         (["cluster", cfg_path, "--partitions", "1"], 2, "applies to embed, dedup, shard only"),
         (["embed", cfg_path, "--partitions", "7"], 2, "outside 0..3"),
+        (["embed", cfg_path, "--partitions", "1", "--force"], 2, "force the whole step once"),
     ]
     for argv, code, message in cases:
         assert main(argv) == code, argv

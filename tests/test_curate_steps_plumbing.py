@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from curate.rundir import RunDir, StepOrderError, fingerprint, semantic
+from curate.rundir import RunDir, StepOrderError, downstream, fingerprint, semantic
 from curate.store import EmbeddingStore, EmbeddingStoreError
 
 
@@ -147,3 +147,25 @@ def test_shipped_configs_load():
     for path in configs:
         cfg = load_curate_config(path)
         assert cfg.name == path.stem and cfg.sources
+
+
+def test_a_step_that_runs_invalidates_the_steps_after_it(tmp_path):
+    run = RunDir(tmp_path)
+    sections = _sections({"ingest": {"sources": ["a"]}, "embed": {"arch": "vit_tiny"}})
+    f_ingest = run.expected_fingerprint("ingest", sections)
+    run.write_marker("ingest", f_ingest, {"content_sha256": "aa"}, time.time())
+    f_embed = run.expected_fingerprint("embed", sections)
+    run.write_marker("embed", f_embed, {}, time.time())
+    # Ingest again with the same files: the steps after it read the same inputs.
+    run.write_marker("ingest", f_ingest, {"content_sha256": "aa"}, time.time())
+    assert run.expected_fingerprint("embed", sections) == f_embed
+    # Same config, but the files' bytes changed: everything downstream is out of date.
+    run.write_marker("ingest", f_ingest, {"content_sha256": "bb"}, time.time())
+    assert run.expected_fingerprint("embed", sections) != f_embed
+    assert not run.is_done("embed", run.expected_fingerprint("embed", sections))
+    # A step that runs removes the markers of the steps after it (they rebuild their manifest columns).
+    run.write_marker("embed", f_embed, {}, time.time())
+    run.invalidate_downstream("ingest")
+    assert run.marker("ingest").exists() and not run.marker("embed").exists()
+    assert downstream("ingest") == ["embed", "dedup", "cluster", "retrieve", "shard", "report"]
+    assert downstream("retrieve") == ["shard", "report"] and downstream("report") == []
