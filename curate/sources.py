@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import os
 import posixpath
 import tarfile
@@ -21,12 +20,11 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-log = logging.getLogger(__name__)
-
 SOURCE_KINDS = ("auto", "folder", "tar", "webdataset", "filelist")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 FILELIST_SUFFIXES = (".txt", ".lst", ".list")
 # WebDataset member extensions (after the key's first dot) that hold the image of a sample, in order of preference.
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder source of WebDataset shards holds
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 
 
@@ -86,22 +84,27 @@ def read_source(path: str, kind: str, name: str, max_bytes: int) -> Iterator[Raw
 
 
 def read_folder(root: str, name: str, max_bytes: int) -> Iterator[RawInput]:
-    """Every non-hidden file under `root`, recursively, in sorted order (symlinked folders are not followed)."""
+    """Every file under `root`, recursively, in sorted order (symlinked folders are not followed).
+
+    Hidden entries (names starting with '.': .DS_Store, editor swap files, .git) are rejected rows, not read: a
+    hidden folder is one row, so nothing under `root` goes unaccounted for.
+    """
     base = Path(root)
     if not base.is_dir():
         raise SourceError(f"source {name!r}: folder {root!r} does not exist or is not a directory")
-    hidden = 0
     for dirpath, dirnames, filenames in os.walk(base):
-        hidden += sum(d.startswith(".") for d in dirnames)
+        folder = Path(dirpath)
+        hidden_dirs = sorted(d for d in dirnames if d.startswith("."))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in sorted(filenames):
-            if fname.startswith("."):
-                hidden += 1  # .DS_Store, editor swap files: not samples
-                continue
-            full = Path(dirpath) / fname
-            yield _read_file(full, name, full.relative_to(base).as_posix(), max_bytes)
-    if hidden:
-        log.info("source %s: skipped %d hidden files/folders (names starting with '.')", name, hidden)
+        for entry in sorted([*filenames, *hidden_dirs]):
+            full = folder / entry
+            locator = full.relative_to(base).as_posix()
+            if entry.startswith("."):
+                kind = "folder" if entry in hidden_dirs else "file"
+                yield RawInput(name, locator, str(full.absolute()), reject_reason=f"hidden {kind} (name starts "
+                               f"with '.'): {full}")
+            else:
+                yield _read_file(full, name, locator, max_bytes)
 
 
 def read_filelist(list_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
@@ -155,7 +158,7 @@ def read_webdataset(spec: str, name: str, max_bytes: int) -> Iterator[RawInput]:
 def expand_shards(spec: str, name: str) -> list[str]:
     """Shard paths named by a brace pattern, glob, folder of tars, or a single tar."""
     if Path(spec).is_dir():
-        shards = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        shards = sorted(str(p) for p in Path(spec).iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
     else:
         shards = []
         for pattern in braceexpand(spec):

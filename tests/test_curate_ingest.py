@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image
 from curate.decode import DecodeLimits, ImageRejected, decode_rgb, probe_image
 from curate.ingest import IngestConfig, SourceConfig, ingest_sources
 from curate.partition import parse_partition_list, partition_of
-from curate.sources import SampleReader, SourceError, make_uid, read_source
+from curate.sources import SampleReader, SourceError, expand_shards, make_uid, read_source
 
 LIMITS = DecodeLimits(max_pixels=4_000_000, min_side=16)
 
@@ -95,7 +96,9 @@ def messy_sources(tmp_path: Path, photos) -> dict:
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "cut.jpg").write_bytes(photos[2][:3000])
     (folder / "notes.txt").write_text("not a picture")
-    (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: skipped, not an input
+    (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: a rejected row, not read
+    (folder / ".thumbs").mkdir()
+    (folder / ".thumbs" / "a.jpg").write_bytes(photos[0])  # inside a hidden folder: the folder is one rejected row
     os.symlink(tmp_path / "nowhere.jpg", folder / "dangling.jpg")
 
     plain = tmp_path / "plain.tar"
@@ -136,6 +139,7 @@ def messy_sources(tmp_path: Path, photos) -> dict:
         ("folder", "a.jpg"): None, ("folder", "sub/b.jpg"): None, ("folder", "sub/copy_of_a.jpg"): None,
         ("folder", "empty.jpg"): "empty file", ("folder", "cut.jpg"): "truncated or corrupt",
         ("folder", "notes.txt"): "not an image", ("folder", "dangling.jpg"): "broken symlink",
+        ("folder", ".DS_Store"): "hidden file", ("folder", ".thumbs"): "hidden folder",
         ("plain", "good.jpg"): None, ("plain", "../escape.jpg"): "path escapes the tar",
         ("plain", "/abs/path.jpg"): "path escapes the tar", ("plain", "link.jpg"): "tar member is a link",
         ("plain", "bomb.png"): "decompression bomb",
@@ -233,9 +237,18 @@ def test_gzip_detection_does_not_confuse_plain_tars(tmp_path, photos):
     path = tmp_path / "raw.tar"
     with tarfile.open(path, "w") as tar:
         _add(tar, "a.jpg", photos[0])
-    assert not path.read_bytes().startswith(gzip.compress(b"")[:2])
     rows = ingest_sources([("pool", SourceConfig(str(path)))], IngestConfig(), 1).to_pylist()
-    assert rows[0]["offset"] == 512 and rows[0]["status"] == "ok"
+    assert rows[0]["offset"] == 512 and rows[0]["status"] == "ok"  # read in place: random access later
+
+
+def test_folder_of_shards_includes_compressed_ones(tmp_path, photos):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name, mode in (("a.tar", "w"), ("b.tar.gz", "w:gz"), ("c.tgz", "w:gz")):
+        with tarfile.open(shards / name, mode) as tar:
+            _add(tar, f"{name[0]}0.jpg", photos[0])
+    (shards / "notes.txt").write_text("not a shard")
+    assert [Path(p).name for p in expand_shards(str(shards), "s")] == ["a.tar", "b.tar.gz", "c.tgz"]
 
 
 # --- partitions -------------------------------------------------------------------------------------------------
@@ -244,7 +257,11 @@ def test_gzip_detection_does_not_confuse_plain_tars(tmp_path, photos):
 def test_partition_is_stable_and_roughly_uniform():
     uids = [make_uid("s", f"img{i}.jpg") for i in range(4000)]
     parts = np.array([partition_of(u, 8) for u in uids])
-    assert partition_of(uids[0], 8) == parts[0]  # pure function of the uid (no per-process salt)
+    # a pure function of the uid: another process, with another hash salt, agrees
+    code = "from curate.partition import partition_of; print(partition_of('img0.jpg', 1009))"
+    other = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "123"},
+                           capture_output=True, text=True, check=True)
+    assert int(other.stdout) == partition_of("img0.jpg", 1009)
     counts = np.bincount(parts, minlength=8)
     assert counts.min() > 400 and counts.max() < 600  # expected 500 +- 3 sigma (~ 63)
     assert partition_of("anything", 1) == 0

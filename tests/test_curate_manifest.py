@@ -68,7 +68,6 @@ def test_accounting_invariant_counts_every_pool_input():
     t = _table()
     counts = check_accounting(t, final=True)
     assert counts == {"ok": 0, "rejected": 1, "duplicate": 1, "contaminated": 1, "selected": 2, "not_selected": 1}
-    assert sum(counts.values()) == 6  # pool rows only; seed/eval rows are reference sets
     assert status_counts(t, "eval") == {"ok": 1, "rejected": 1, "duplicate": 0, "contaminated": 0, "selected": 0,
                                         "not_selected": 0}
 
