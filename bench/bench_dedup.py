@@ -3,14 +3,15 @@
 Data: `--n` float16, L2-normalised random `--d`-dim embeddings, a fraction of them noisy copies of others (so the
 graph has edges and union-find has work), random sha256-like digests with some byte-identical repeats, and an
 `--n-eval` evaluation set. The baseline is what any dedup must do at least once: build a flat inner-product index
-of the float32 data and search every row's k+1 neighbours. Our step: exact dedup by digest, kNN graph edges above
-the threshold, union-find components, keep rule, and decontamination against the eval set, from the float16 input.
-Target (issue 5): ratio <= 1.3.
+of the float32 data and search every row's k+1 neighbours. Our step runs the pipeline's dedup code
+(`curate.dedup_partitions`) from the float16 input: exact dedup by digest, conversion to float32, the partition
+queries (kNN-graph edges above the threshold, best eval match, nearest-neighbour sample for the report), then the
+merge (union-find components, keep rule, contamination spread to whole components). Target (issue 5): ratio <= 1.3.
 
 `--query-fraction f` times what one task of a Slurm array of 1/f tasks does: both sides index all rows but search
-only a fraction f of them (the same rows), while exact dedup, components and decontamination still run at full size.
-The search cost is linear in the queries, so the printed ratio (global steps + partial graph) / partial search is
-an upper bound of the whole step's ratio (global steps + graph) / search.
+only a fraction f of them (the same rows), while exact dedup, the float32 conversion and the merge still run at full
+size. The search cost is linear in the queries, so the printed ratio (global work + partial queries) / partial
+search is an upper bound of the whole step's ratio (global work + queries) / search.
 
     python bench/bench_dedup.py --n 1000000          # the issue's size (GPU: seconds; 2 CPU cores: ~2 hours)
     python bench/bench_dedup.py --n 1000000 --query-fraction 0.05 --repeats 1   # 1M rows, 2 CPU cores: ~8 min
@@ -32,12 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import Clock  # noqa: E402
-from curate.dedup import (  # noqa: E402
-    contamination_matches,
-    exact_duplicates,
-    near_duplicates_from_edges,
-)
-from curate.knn_graph import range_pairs, resolve_use_gpu  # noqa: E402
+from curate.dedup import exact_duplicates  # noqa: E402
+from curate.dedup_partitions import merge_partitions, query_partition  # noqa: E402
+from curate.knn_graph import resolve_use_gpu  # noqa: E402
 
 
 def make_data(n: int, d: int, dup_fraction: float, n_eval: int, seed: int):
@@ -84,28 +82,31 @@ def bare_search(x16: np.ndarray, rows: np.ndarray, k: int, use_gpu: bool) -> tup
     return clock.read()
 
 
-def our_dedup(x16, rows, sha, uids, eval16, k: int, threshold: float, eval_threshold: float, use_gpu: bool) -> dict:
+def our_dedup(x16, rows, sha, uids, eval16, k: int, threshold: float, eval_threshold: float, use_gpu: bool,
+              nn_sample: int) -> dict:
+    """The dedup step's code path (`curate.steps.dedup` without its Parquet and .npy I/O), from float16 input."""
     times = {}
     clock = Clock()
-    t0 = time.perf_counter()
+    t = time.perf_counter()
     exact = exact_duplicates(sha, uids)
     keep = np.nonzero(exact < 0)[0]
-    times["exact_s"] = time.perf_counter() - t0
+    x = x16[keep].astype(np.float32)
+    ev = eval16.astype(np.float32)
+    times["exact_and_float32_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    x = x16[keep]
-    # the searched rows that survive exact dedup, as positions in x
-    partial = None if len(rows) == len(x16) else np.nonzero(np.isin(keep, rows))[0]
-    i, j, _ = range_pairs(x, k, threshold, use_gpu=use_gpu, query_rows=partial, progress=False)
-    times["knn_graph_s"] = time.perf_counter() - t
+    # the searched rows that survive exact dedup, as rows of the base x (one partition, as one array task's)
+    searched = np.arange(len(x)) if len(rows) == len(x16) else np.nonzero(np.isin(keep, rows))[0]
+    nn_rows = np.sort(np.random.default_rng(0).choice(len(x), min(nn_sample, len(x)), replace=False))
+    found = query_partition(x, searched, ev, k, threshold, nn_rows[np.isin(nn_rows, searched)],
+                            "gpu" if use_gpu else "cpu")
+    times["queries_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    dup_of, comp = near_duplicates_from_edges(len(x), i, j, [uids[r] for r in keep])
-    times["components_and_keep_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    matched, _ = contamination_matches(x, eval16, eval_threshold, comp, use_gpu=use_gpu)
-    times["decontaminate_s"] = time.perf_counter() - t
+    merged = merge_partitions(len(x), [found], [uids[r] for r in keep], eval_threshold, "first_uid")
+    times["merge_s"] = time.perf_counter() - t
     times["total_s"], times["total_cpu_s"] = clock.read()
-    counts = {"exact_duplicates": int((exact >= 0).sum()), "edges": int(len(i)),
-              "near_duplicates": int((dup_of >= 0).sum()), "contaminated": int((matched >= 0).sum())}
+    counts = {"exact_duplicates": int((exact >= 0).sum()), "edges": merged.n_edges,
+              "near_duplicates": int((merged.duplicate_of >= 0).sum()),
+              "contaminated": int((merged.contaminated_by >= 0).sum())}
     return {"times": times, "counts": counts}
 
 
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--use-gpu", default="auto", help="auto | gpu | cpu")
     parser.add_argument("--query-fraction", type=float, default=1.0,
                         help="search only this share of the rows on both sides (one Slurm array task's share)")
+    parser.add_argument("--nn-sample", type=int, default=20_000,
+                        help="rows whose nearest-neighbour similarity the step measures (report.nn_sample)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the fastest counts")
     args = parser.parse_args()
@@ -133,7 +136,8 @@ def main() -> None:
     baselines, runs = [], []
     for _ in range(args.repeats):
         baselines.append(bare_search(x16, rows, args.k, use_gpu))
-        runs.append(our_dedup(x16, rows, sha, uids, eval16, args.k, args.threshold, args.eval_threshold, use_gpu))
+        runs.append(our_dedup(x16, rows, sha, uids, eval16, args.k, args.threshold, args.eval_threshold, use_gpu,
+                              args.nn_sample))
     baseline = min(b[0] for b in baselines)
     baseline_cpu = min(b[1] for b in baselines)
     ours = min(runs, key=lambda r: r["times"]["total_s"])

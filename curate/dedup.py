@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate.knn_graph import knn_search, range_pairs
+from curate.knn_graph import GPU_MAX_K, knn_search, range_pairs
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class DedupConfig:
     use_gpu: str = "auto"  # faiss on GPU: auto (when present) | gpu | cpu
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"dedup.k={self.k}: must be >= 1")
+        if not 1 <= self.k < GPU_MAX_K:
+            raise ValueError(f"dedup.k={self.k}: must be in [1, {GPU_MAX_K - 1}] (the graph searches k + 1 neighbours "
+                             f"and faiss GPU search returns at most {GPU_MAX_K})")
         if self.keep not in KEEP_RULES:
             raise ValueError(f"dedup.keep={self.keep!r}: use one of {', '.join(KEEP_RULES)}")
         for key in ("threshold", "eval_threshold"):
@@ -175,36 +176,38 @@ def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold
 def contamination_matches(pool_emb: np.ndarray, eval_emb: np.ndarray, threshold: float = 0.45,
                           component_id: np.ndarray | None = None,
                           use_gpu: bool | str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """(eval_index per pool row (-1 = clean), similarity to that eval image).
+    """(eval_index per pool row (-1 = clean), each row's best cosine to any eval image (NaN without evals)).
 
-    A pool row is contaminated when its most similar eval image reaches `threshold`. With `component_id`, every
-    member of a component that holds a contaminated row is contaminated too (a copy of a copy of a test image is
-    still a test image); such members record the component's best-matching eval image and its similarity.
+    A pool row is contaminated when its most similar eval image reaches `threshold`; with `component_id`, so is
+    every member of its component (see `spread_contamination`).
     """
     n = len(pool_emb)
-    eval_index = np.full(n, -1, dtype=np.int64)
-    similarity = np.full(n, np.nan, dtype=np.float32)
     if n == 0 or len(eval_emb) == 0:
-        return eval_index, similarity
+        return np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
+    component = np.arange(n, dtype=np.int64) if component_id is None else np.asarray(component_id, dtype=np.int64)
+    if len(component) != n:
+        raise ValueError(f"component_id has {len(component)} rows, pool_emb {n}")
     sims, ids = knn_search(eval_emb, pool_emb, 1, use_gpu=use_gpu)
-    direct = sims[:, 0] >= threshold
-    eval_index[direct] = ids[direct, 0]
-    similarity[direct] = sims[direct, 0]
-    if component_id is None or not direct.any():
-        return eval_index, similarity
-    component_id = np.asarray(component_id, dtype=np.int64)
-    if len(component_id) != n:
-        raise ValueError(f"component_id has {len(component_id)} rows, pool_emb {n}")
+    return spread_contamination(ids[:, 0], sims[:, 0], component, threshold), sims[:, 0].astype(np.float32)
+
+
+def spread_contamination(eval_index: np.ndarray, eval_sim: np.ndarray, component: np.ndarray,
+                         threshold: float) -> np.ndarray:
+    """Matched eval index per row (-1 clean): rows within `threshold` of an eval image, and every other member of
+    their component, which takes the component's best match (a copy of a copy of a test image is a test image)."""
+    direct = np.nan_to_num(eval_sim, nan=-np.inf) >= threshold
+    out = np.full(len(component), -1, dtype=np.int64)
+    if not direct.any():
+        return out
     hit = np.nonzero(direct)[0]
-    order = hit[np.lexsort((-sims[hit, 0], component_id[hit]))]  # best match first within each component
-    comps, first = np.unique(component_id[order], return_index=True)
-    best_row = order[first]
-    pos = np.searchsorted(comps, component_id)
-    touched = (pos < len(comps)) & (comps[np.minimum(pos, len(comps) - 1)] == component_id) & ~direct
-    source = best_row[pos[touched]]
-    eval_index[touched] = eval_index[source]
-    similarity[touched] = similarity[source]
-    return eval_index, similarity
+    order = hit[np.lexsort((-eval_sim[hit], component[hit]))]  # best match first within each component
+    comps, first = np.unique(component[order], return_index=True)
+    best_eval = eval_index[order[first]]
+    pos = np.minimum(np.searchsorted(comps, component), len(comps) - 1)
+    touched = comps[pos] == component
+    out[touched] = best_eval[pos[touched]]
+    out[direct] = eval_index[direct]  # a direct match keeps its own eval image
+    return out
 
 
 def decontaminate(pool_emb: np.ndarray, eval_emb: np.ndarray, eval_uids: Sequence[str], threshold: float = 0.45,

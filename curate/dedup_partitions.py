@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from curate.atomic import atomic_write
-from curate.dedup import near_duplicates_from_edges
-from curate.knn_graph import knn_search, range_pairs, unique_edges
+from curate.dedup import near_duplicates_from_edges, spread_contamination
+from curate.knn_graph import FlatIPIndex, knn_search, range_pairs, unique_edges
 
 
 @dataclass
@@ -47,7 +47,8 @@ def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | N
                     nn_rows: np.ndarray, use_gpu: str = "auto") -> PartitionQueries:
     """Search `rows` of `base` against all of `base` (edges >= threshold) and against `eval_emb` (best match)."""
     rows = np.asarray(rows, dtype=np.int64)
-    i, j, s = range_pairs(base, k, threshold, use_gpu=use_gpu, query_rows=rows, progress=False)
+    index = FlatIPIndex(base, use_gpu)  # one build serves the graph and the nearest-neighbour sample
+    i, j, s = range_pairs(base, k, threshold, query_rows=rows, progress=False, index=index)
     if eval_emb is not None and len(eval_emb) and rows.size:
         sims, ids = knn_search(eval_emb, base[rows], 1, use_gpu=use_gpu, progress=False)
         eval_index, eval_sim = ids[:, 0], sims[:, 0]
@@ -56,7 +57,7 @@ def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | N
     nn_rows = np.asarray(nn_rows, dtype=np.int64)
     nn_sim = np.full(nn_rows.size, np.nan, dtype=np.float32)
     if nn_rows.size and len(base) > 1:
-        sims, ids = knn_search(base, base[nn_rows], 2, use_gpu=use_gpu, progress=False)
+        sims, ids = index.search(base[nn_rows], 2)
         # The best hit that is not the query itself (an identical twin can rank before the query).
         nn_sim = np.where(ids[:, 0] == nn_rows, sims[:, 1], sims[:, 0]).astype(np.float32)
     return PartitionQueries(rows, i, j, s, eval_index.astype(np.int64), eval_sim.astype(np.float32), nn_rows, nn_sim)
@@ -91,22 +92,3 @@ def merge_partitions(n: int, parts: list[PartitionQueries], uids: list[str], eva
         nn_sim[p.nn_rows] = p.nn_sim
     contaminated_by = spread_contamination(eval_index, eval_sim, component, eval_threshold)
     return MergedDedup(duplicate_of, component, contaminated_by, eval_sim, nn_sim, len(i))
-
-
-def spread_contamination(eval_index: np.ndarray, eval_sim: np.ndarray, component: np.ndarray,
-                         threshold: float) -> np.ndarray:
-    """Matched eval index per row (-1 clean): rows within `threshold` of an eval image, and every other member of
-    their component, which takes the component's best match (a copy of a copy of a test image is a test image)."""
-    direct = np.nan_to_num(eval_sim, nan=-np.inf) >= threshold
-    out = np.full(len(component), -1, dtype=np.int64)
-    if not direct.any():
-        return out
-    hit = np.nonzero(direct)[0]
-    order = hit[np.lexsort((-eval_sim[hit], component[hit]))]  # best match first within each component
-    comps, first = np.unique(component[order], return_index=True)
-    best_eval = eval_index[order[first]]
-    pos = np.minimum(np.searchsorted(comps, component), len(comps) - 1)
-    touched = comps[pos] == component
-    out[touched] = best_eval[pos[touched]]
-    out[direct] = eval_index[direct]  # a direct match keeps its own eval image
-    return out

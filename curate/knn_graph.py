@@ -109,12 +109,13 @@ def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "au
 
 def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "auto",
                 query_rows: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                progress: bool = True, index: FlatIPIndex | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edges (i, j, sim) of the kNN graph of `x` with cosine >= `threshold`, i != j.
 
     Each row of `query_rows` (default: all rows) is searched against all of `x`; an edge is kept once, as
     (min, max), sorted. Running disjoint `query_rows` (e.g. one partition per Slurm task) and concatenating the
     results gives the same graph as one call, up to edges found from both ends (deduplicate with `unique_edges`).
+    `index`: a `FlatIPIndex` of `x` already built (a caller that searches `x` again saves a second build).
     """
     x = np.asarray(x)
     n = len(x)
@@ -124,7 +125,7 @@ def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "
     if n < 2 or rows.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy(), np.zeros(0, dtype=np.float32)
-    index = FlatIPIndex(x, use_gpu)
+    index = index or FlatIPIndex(x, use_gpu)
     # One extra neighbour because the query itself is (almost always) its own first hit.
     kk = min(k + 1, n)
     found_i, found_j, found_s = [], [], []
