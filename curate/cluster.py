@@ -118,10 +118,10 @@ def balanced_subset(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray, pe
     else:
         raise ValueError(f"sampling strategy {strategy!r}: use one of {', '.join(SAMPLING_STRATEGIES)}")
     order = np.lexsort((key, assign))
-    return np.sort(order[_rank_within_groups(assign[order]) < per_cluster])
+    return np.sort(order[rank_within_groups(assign[order]) < per_cluster])
 
 
-def _rank_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
+def rank_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
     """0, 1, 2... within each run of equal values of an already grouped array."""
     n = len(sorted_groups)
     starts = np.ones(n, dtype=bool)
@@ -169,12 +169,10 @@ def hierarchical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> list[KMeansLevel]:
     return levels
 
 
-def parent_clusters(hierarchy: list[KMeansLevel], level: int) -> np.ndarray:
-    """For every cluster of `level` (0-based), its cluster at `level + 1` (-1 for a cluster without points)."""
-    child, parent = hierarchy[level], hierarchy[level + 1]
-    out = np.full(len(child.centroids), -1, dtype=np.int64)
-    out[child.assign] = parent.assign
-    return out
+def parent_clusters(hierarchy: list[KMeansLevel], level: int, use_gpu: bool | str = "auto") -> np.ndarray:
+    """For every cluster of `level` (0-based), its cluster at `level + 1`: the nearest coarser centroid, which is how
+    `hierarchical_kmeans` assigns a level's centroids (so a cluster that lost all its points has a parent too)."""
+    return assign_to_centroids(hierarchy[level].centroids, hierarchy[level + 1].centroids, use_gpu)
 
 
 def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
@@ -239,5 +237,5 @@ def balanced_sample(hierarchy: list[KMeansLevel] | list[tuple[np.ndarray, np.nda
     else:
         raise ValueError(f"strategy={strategy!r}: use one of {', '.join(SAMPLING_STRATEGIES)}")
     order = np.lexsort((key, finest.assign))
-    picked = order[_rank_within_groups(finest.assign[order]) < target[finest.assign[order]]]
+    picked = order[rank_within_groups(finest.assign[order]) < target[finest.assign[order]]]
     return np.sort(picked).astype(np.int64)

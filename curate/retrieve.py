@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curate.cluster import rank_within_groups
 from curate.knn_graph import as_float32, knn_search
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,8 @@ def cluster_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, pool_assign: n
     rows = np.nonzero(qualifying[pool_assign])[0]
     clusters = pool_assign[rows]
     sims = np.einsum("nd,nd->n", pool_emb[rows], seed_mean[clusters].astype(np.float32))
-    order = np.lexsort((-sims, clusters))
-    starts = np.ones(len(order), dtype=bool)
-    starts[1:] = clusters[order][1:] != clusters[order][:-1]
-    rank = np.arange(len(order)) - np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-    keep = np.sort(order[rank < m_per_cluster])
+    order = np.lexsort((-sims, clusters))  # clusters together, most similar to the seeds' mean first
+    keep = np.sort(order[rank_within_groups(clusters[order]) < m_per_cluster])
     log.info("cluster retrieval: %d of %d seeded clusters hold > %d seeds; %d pool images", int(qualifying.sum()),
              int((counts > 0).sum()), min_seeds, len(keep))
     return rows[keep], clusters[keep], sims[keep]

@@ -11,7 +11,6 @@ import pytest
 from curate.cluster import (
     ClusterConfig,
     KMeansLevel,
-    assign_to_centroids,
     balanced_sample,
     hierarchical_kmeans,
     parent_clusters,
@@ -85,13 +84,20 @@ def test_hierarchy_levels_nest():
         assert isinstance(lv, KMeansLevel) and lv.assign.shape == (len(x),)
         np.testing.assert_allclose(np.linalg.norm(lv.centroids, axis=1), 1.0, atol=1e-5)
     for level in range(2):
-        parent = parent_clusters(levels, level)
+        parent = parent_clusters(levels, level, "cpu")
         # every point's coarser cluster is the parent of its finer cluster
         np.testing.assert_array_equal(parent[levels[level].assign], levels[level + 1].assign)
-        # and a level's clusters are its inputs' nearest centroids
-        used = np.unique(levels[level].assign)
-        np.testing.assert_array_equal(parent[used], assign_to_centroids(levels[level].centroids[used],
-                                                                         levels[level + 1].centroids, "cpu"))
+
+
+def test_a_cluster_without_points_still_has_a_parent():
+    rng = np.random.default_rng(5)
+    fine = rng.standard_normal((4, 16)).astype(np.float32)
+    fine /= np.linalg.norm(fine, axis=1, keepdims=True)
+    coarse = np.stack([fine[0] + fine[1], fine[2] + fine[3]])
+    coarse /= np.linalg.norm(coarse, axis=1, keepdims=True)
+    # fine cluster 3 holds no point (k-means can end with empty clusters); seeds nearest to it need its parent
+    hierarchy = [KMeansLevel(fine, np.array([0, 1, 2, 2])), KMeansLevel(coarse, np.array([0, 0, 1, 1]))]
+    np.testing.assert_array_equal(parent_clusters(hierarchy, 0, "cpu"), [0, 0, 1, 1])
 
 
 def test_resampling_spreads_centroids_over_the_support():
