@@ -34,8 +34,6 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 KINDS = ("dinov2", "open_clip", "random_vit", "copydetect")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -68,7 +66,8 @@ class Embedder:
 
     def __init__(self, name: str, dim: int, transform: Callable[[Image.Image], torch.Tensor],
                  forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None,
-                 decode_size: int | None = None, recommended_thresholds: tuple[float, float] | None = None) -> None:
+                 decode_size: int | None = None, recommended_thresholds: tuple[float, float] | None = None,
+                 autocast: bool = True) -> None:
         self.name = name
         self.dim = dim
         self.transform = transform
@@ -76,13 +75,15 @@ class Embedder:
         self.decode_size = decode_size  # JPEG draft decoding may stop at this side (faster decoding of big files)
         # (dedup, decontamination) cosine thresholds measured for this embedding; None: use the config's.
         self.recommended_thresholds = recommended_thresholds
+        # bf16 autocast on CUDA for networks; off for descriptors whose thresholds were calibrated in fp32
+        self.autocast = autocast
         self._forward = forward
 
     def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
         """float16 [B, dim], L2-normalised, for a batch of transformed images."""
         with torch.inference_mode():
             batch = batch.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.autocast:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = self._forward(batch)
             else:
@@ -106,17 +107,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def vit_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the shorter side (bicubic), centre crop, scale to [0, 1] and normalise."""
-    from torchvision.transforms import v2
+def vit_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Evaluation's transform at `image_size`: resize the shorter side (bicubic), centre crop, ImageNet-normalise."""
+    from evaluation.config import EvalTransformConfig
+    from evaluation.transform import make_eval_transform
 
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+    return make_eval_transform(EvalTransformConfig(resize_size=image_size, crop_size=image_size))
 
 
 def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> Embedder:
@@ -134,10 +130,11 @@ def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> E
         return Embedder(name, model.embed_dim, vit_transform(cfg.image_size), model, device, cfg.image_size)
     if pretrained and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"embed.weights={cfg.weights!r}: no such file or pretrain run directory")
-    if not pretrained:
+    # fork_rng: a random-init model depends on cfg.seed only, and the caller's RNG stream is left as it was
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-    model = build_vit(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size,
-                      num_register_tokens=cfg.num_register_tokens, ffn_layer=cfg.ffn_layer)
+        model = build_vit(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size,
+                          num_register_tokens=cfg.num_register_tokens, ffn_layer=cfg.ffn_layer)
     if pretrained:
         # Official weights carry a 518 px position grid: interpolate it once to our input size.
         load_pretrained(model, cfg.weights, ignore_heads=True, interpolate_pos_embed=True)
@@ -176,7 +173,7 @@ def build_embedder(cfg: EmbedConfig) -> Embedder:
 
         desc = CopyDetectDescriptor()
         return Embedder(desc.name, desc.dim, desc.transform, desc, device, desc.input_size,
-                        (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD))
+                        (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD), autocast=False)
     raise ValueError(f"embed.kind={cfg.kind!r}: use one of {', '.join(KINDS)}")
 
 

@@ -182,11 +182,6 @@ def check_accounting(table: pa.Table, final: bool = False) -> dict[str, int]:
     return counts
 
 
-def row_index(table: pa.Table) -> dict[str, int]:
-    """uid -> row number."""
-    return {u: i for i, u in enumerate(table.column("uid").to_pylist())}
-
-
 def mask_of(table: pa.Table, role: str | None = None, statuses: Sequence[str] | None = None) -> np.ndarray:
     """Boolean row mask for a role and/or a set of statuses."""
     mask = np.ones(table.num_rows, dtype=bool)

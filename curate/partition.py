@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-
-import numpy as np
 
 
 def partition_of(uid: str, n_partitions: int) -> int:
@@ -18,11 +15,6 @@ def partition_of(uid: str, n_partitions: int) -> int:
         raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
     digest = hashlib.blake2b(uid.encode("utf-8"), digest_size=8, person=b"dinoforge-part").digest()
     return int.from_bytes(digest, "little") % n_partitions
-
-
-def partitions_of(uids: Iterable[str], n_partitions: int) -> np.ndarray:
-    """`partition_of` for many uids, as an int32 array."""
-    return np.fromiter((partition_of(u, n_partitions) for u in uids), dtype=np.int32)
 
 
 def parse_partition_list(spec: str, n_partitions: int) -> list[int]:

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from curate.atomic import atomic_write_json
+from curate.atomic import atomic_write_json, temporary_sibling
 
-TMP_SUFFIX = ".tmp"
 INDEX_NAME = "index.json"
 
 
@@ -63,11 +62,12 @@ class _HashingWriter(io.RawIOBase):
 
 
 class ShardWriter:
-    """Writes one WebDataset tar at `path`: members go to `path.tmp`; `close()` fsyncs and renames it into place."""
+    """Writes one WebDataset tar at `path`: members go to a hidden temporary name unique to this process (a requeued
+    array task may overlap its predecessor); `close()` fsyncs and renames it into place."""
 
     def __init__(self, path: str | Path, partition: int = 0) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
+        self.tmp = temporary_sibling(self.path)
         self.partition = partition
         self._fh = open(self.tmp, "wb")
         self._hashing = _HashingWriter(self._fh)

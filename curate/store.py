@@ -29,6 +29,7 @@ class EmbeddingStore:
     def __init__(self, root: str | Path, n_partitions: int) -> None:
         self.root = Path(root)
         self.n_partitions = n_partitions
+        self._located: tuple[dict[str, tuple[int, int]], dict[int, np.ndarray]] | None = None
 
     def part_path(self, p: int) -> Path:
         return self.root / f"part-{p:05d}.npy"
@@ -49,6 +50,7 @@ class EmbeddingStore:
             raise EmbeddingStoreError(f"partition {p}: {emb.shape} embeddings for {len(uids)} uids")
         _check_normalised(emb, f"partition {p} embeddings")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._located = None
         atomic_write_text(self.uids_path(p), "".join(f"{u}\n" for u in uids))
         atomic_write(self.part_path(p), lambda fh: np.save(fh, emb.astype(np.float16, copy=False)))
 
@@ -68,25 +70,18 @@ class EmbeddingStore:
         missing = self.missing_partitions()
         if missing:
             raise EmbeddingStoreError(f"cannot index {self.root}: partitions {missing[:10]} are not embedded yet")
-        parts = []
-        for p in range(self.n_partitions):
-            uids, emb = self.read_partition(p)
-            parts.append({"partition": p, "file": self.part_path(p).name, "uids_file": self.uids_path(p).name,
-                          "count": len(uids)})
+        _, arrays = self.locate()
+        parts = [{"partition": p, "file": self.part_path(p).name, "uids_file": self.uids_path(p).name,
+                  "count": len(arrays[p])} for p in range(self.n_partitions)]
         doc = {"model": model, "dim": dim, "dtype": "float16", "normalised": "l2", "n_partitions": self.n_partitions,
                "total": sum(x["count"] for x in parts), "partitions": parts}
         return atomic_write_json(self.root / INDEX_NAME, doc)
 
     def gather(self, uids: Sequence[str]) -> np.ndarray:
         """float16 embeddings of `uids`, in that order (every uid must be stored)."""
+        position, arrays = self.locate()
         if not uids:
-            return np.zeros((0, self.dim()), dtype=np.float16)
-        position: dict[str, tuple[int, int]] = {}
-        arrays: dict[int, np.ndarray] = {}
-        for p in range(self.n_partitions):
-            part_uids, emb = self.read_partition(p)
-            arrays[p] = emb
-            position.update((u, (p, i)) for i, u in enumerate(part_uids))
+            return np.zeros((0, arrays[0].shape[1]), dtype=np.float16)
         missing = [u for u in uids if u not in position]
         if missing:
             raise EmbeddingStoreError(f"{len(missing)} manifest rows have no embedding in {self.root} (e.g. uid "
@@ -101,8 +96,17 @@ class EmbeddingStore:
                 out[sel[order]] = emb[rows[sel][order]]
         return out
 
-    def dim(self) -> int:
-        return int(self.read_partition(0)[1].shape[1])
+    def locate(self) -> tuple[dict[str, tuple[int, int]], dict[int, np.ndarray]]:
+        """(uid -> (partition, row), memory-mapped array per partition), read once per store (steps gather several
+        times: pool, seeds and evals)."""
+        if self._located is None:
+            position: dict[str, tuple[int, int]] = {}
+            arrays: dict[int, np.ndarray] = {}
+            for p in range(self.n_partitions):
+                part_uids, arrays[p] = self.read_partition(p)
+                position.update((u, (p, i)) for i, u in enumerate(part_uids))
+            self._located = position, arrays
+        return self._located
 
 
 def _check_normalised(emb: np.ndarray, what: str) -> None:

@@ -8,6 +8,7 @@ nearest valid one; the resolved config is written into the run directory.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -51,10 +52,15 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 
 
 def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config to `run_dir/name` (created if needed) and return the path."""
+    """Write the resolved config to `run_dir/name` (created if needed) and return the path.
+
+    Written aside and renamed: the processes of a job (array tasks, ranks) may all save it at the same moment.
+    """
     out = Path(run_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_yaml(cfg))
+    tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, out)
     return out
 
 
