@@ -26,7 +26,7 @@ from curate.knn_graph import resolve_use_gpu  # noqa: E402
 
 
 def make_data(n: int, d: int, seed: int) -> np.ndarray:
-    """float16 unit rows around 4x more centres than clusters, so k-means has structure to find."""
+    """float16 unit rows around n // 50 centres (8x the default k), so k-means has structure to find."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 50), d), dtype=np.float32)
     x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
