@@ -24,7 +24,8 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from curate.knn_graph import as_float32, knn_search, resolve_use_gpu
+from curate.faiss_device import resolve_use_gpu
+from curate.knn_graph import as_float32, knn_search
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Exact cosine kNN search with faiss (GPU when one is present) and the kNN-graph edges above a similarity threshold.
+"""Exact cosine kNN search with faiss and the kNN-graph edges above a similarity threshold.
+
+faiss runs on the GPU when its smoke test passed in this process (`curate.faiss_device`), else on the CPU.
 
 Embeddings are L2-normalised, so the inner product is the cosine similarity and a flat inner-product index gives
 exact neighbours. Queries run in chunks: memory stays bounded by `chunk_size * k` and a progress bar can move.
@@ -17,33 +19,13 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+# gpu_available, resolve_use_gpu: where faiss runs, also imported from here by callers of this module
+from curate.faiss_device import gpu_available, resolve_use_gpu, to_all_gpus  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 16384  # queries per faiss call: [chunk, k] float32 + int64 results, about 12 MB at k=64
 GPU_MAX_K = 2048  # faiss GPU brute-force search supports k <= 2048
-
-
-def gpu_available() -> bool:
-    """True when faiss was built with GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def resolve_use_gpu(use_gpu: bool | str) -> bool:
-    """`True`/`"gpu"`/`"cuda"`: GPU (error if none); `False`/`"cpu"`: CPU; `"auto"`: GPU when one is present."""
-    if isinstance(use_gpu, str):
-        choice = use_gpu.lower()
-        if choice == "auto":
-            return gpu_available()
-        if choice in ("gpu", "cuda", "true"):
-            use_gpu = True
-        elif choice in ("cpu", "false"):
-            use_gpu = False
-        else:
-            raise ValueError(f"use_gpu={use_gpu!r}: use 'auto', 'gpu' or 'cpu'")
-    if use_gpu and not gpu_available():
-        raise RuntimeError("a faiss GPU index was requested but faiss sees no GPU (faiss.get_num_gpus() == 0); "
-                           "use 'auto' or 'cpu'")
-    return bool(use_gpu)
 
 
 def as_float32(x: np.ndarray, name: str = "embeddings") -> np.ndarray:
@@ -62,12 +44,7 @@ class FlatIPIndex:
         self.ntotal, self.dim = xb.shape
         self.on_gpu = resolve_use_gpu(use_gpu)
         cpu_index = faiss.IndexFlatIP(self.dim)
-        if self.on_gpu:
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = True  # each GPU holds a slice of the database: memory scales with the number of GPUs
-            self.index = faiss.index_cpu_to_all_gpus(cpu_index, co=options)
-        else:
-            self.index = cpu_index
+        self.index = to_all_gpus(cpu_index, shard=True) if self.on_gpu else cpu_index
         self.index.add(xb)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
