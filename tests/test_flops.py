@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.models.attention import BACKEND_ENV
-from pretrain.models.flops import count_forward_flops, train_step_flops, vit_forward_flops_analytic
+from pretrain.models.flops import count_forward_flops, flop_counter, train_step_flops, vit_forward_flops_analytic
 from pretrain.models.vision_transformer import DinoVisionTransformer, vit_giant2
 
 MIXED_CROPS = [(2, 3, 56, 56), (3, 3, 28, 42)]
@@ -38,16 +39,40 @@ def test_counted_equals_analytic_for_mixed_crops(registers, ffn):
     assert counted == expected
 
 
-def test_meta_count_equals_a_real_cpu_forward_with_sdpa():
-    """The CPU SDPA kernel is counted too: a real forward measures the same FLOPs as the meta-device run."""
+CPU_SDPA_BACKENDS = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+
+
+@pytest.mark.parametrize("sdpa_backend", CPU_SDPA_BACKENDS, ids=lambda b: b.name)
+def test_a_real_cpu_forward_counts_attention_on_every_sdpa_kernel(sdpa_backend):
+    """Whatever kernel the installed torch runs on CPU, a real forward measures the analytic count, attention
+    included (torch 2.14 counts no attention on the CPU flash kernel by itself)."""
     torch.manual_seed(0)
     model = small_vit(registers=4).eval()
     crops = [torch.randn(*shape) for shape in MIXED_CROPS]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(sdpa_backend), flop_counter() as counter:
         model.forward_features(crops)
-    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
-    assert any("scaled_dot_product" in op for op in ops), ops
-    assert counter.get_total_flops() == count_forward_flops(model, crops)
+    expected = vit_forward_flops_analytic(embed_dim=48, depth=2, patch_size=14, crops=MIXED_CROPS,
+                                          num_register_tokens=4)
+    assert counter.get_total_flops() == expected == count_forward_flops(model, crops)
+
+
+def test_fused_attention_backward_is_counted_as_five_matmuls():
+    b, h, n, d = 2, 3, 10, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert counter.get_total_flops() == 2 * b * h * n * n * d * (2 + 5)
+
+
+@pytest.mark.parametrize("name", ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"])
+def test_every_fused_sdpa_kernel_of_this_torch_has_a_formula(name):
+    """The GPU kernels cannot run here: check that the counter has a formula for each one this torch defines."""
+    if not hasattr(torch.ops.aten, name):
+        pytest.skip(f"torch {torch.__version__} has no {name}")
+    packet = getattr(torch.ops.aten, name)
+    assert packet in flop_counter().flop_registry
+    assert getattr(torch.ops.aten, name + "_backward") in flop_counter().flop_registry
 
 
 def test_counting_leaves_the_model_and_environment_alone(monkeypatch):

@@ -2,10 +2,18 @@
 
 Convention (torch.utils.flop_counter, and MFU papers): 2 FLOPs per multiply-accumulate of matmuls, convolutions and
 attention (QK^T and AV); norms, activations, softmax and bias additions are not counted (under 1% for a ViT).
+
+torch's counter knows attention only by the names of the fused kernels it has formulas for, and those change between
+versions (2.14 dropped the CPU flash kernel `_scaled_dot_product_flash_attention_for_cpu`). `flop_counter()` therefore
+adds a formula for every fused SDPA kernel of the installed torch that has none, so every path (CPU flash, math, which
+decomposes into counted matmuls, efficient, cuDNN) is counted; tests check each against the analytic count. xformers
+kernels see one packed sequence and a block-diagonal mask, so their shapes do not give the FLOPs: counts always run
+the SDPA path, which computes the same products.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -13,12 +21,47 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from pretrain.models.attention import BACKEND_ENV
 from pretrain.models.ffn import swiglu_hidden_features
 
 CropSpec = Tensor | Sequence[int]
+SDPA_KERNEL_PREFIX = "_scaled_dot_product_"
+
+
+def _sdpa_forward_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args, **kwargs) -> int:
+    """QK^T and AV of [B, H, N, d] inputs (shapes, as torch's counter passes them)."""
+    b, h, n_q, d_qk = q
+    n_k, d_v = k[2], v[3]
+    return 2 * b * h * n_q * n_k * (d_qk + d_v)
+
+
+def _sdpa_backward_flops(grad_out: Sequence[int], q: Sequence[int], k: Sequence[int], v: Sequence[int], *args,
+                         **kwargs) -> int:
+    """Fused backward: recompute QK^T, then the gradients of both products (five matmuls, as torch counts them)."""
+    b, h, n_q, d_qk = q
+    n_k, d_v = k[2], v[3]
+    return 2 * b * h * n_q * n_k * (3 * d_qk + 2 * d_v)
+
+
+@functools.cache
+def missing_attention_formulas() -> dict:
+    """Formulas for the installed torch's fused SDPA kernels that its flop counter does not know."""
+    known = set(flop_registry)
+    formulas = {}
+    for name in dir(torch.ops.aten):
+        if not (name.startswith(SDPA_KERNEL_PREFIX) and "attention" in name) or name.endswith("_for_mps"):
+            continue
+        packet = getattr(torch.ops.aten, name)
+        if packet not in known:
+            formulas[packet] = _sdpa_backward_flops if name.endswith("_backward") else _sdpa_forward_flops
+    return formulas
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, completed with formulas for every fused attention kernel of this torch."""
+    return FlopCounterMode(display=False, custom_mapping=missing_attention_formulas())
 
 
 def _crop_shape(crop: CropSpec) -> tuple[int, int, int, int]:
@@ -60,7 +103,7 @@ def count_forward_flops(model: nn.Module, crops: Sequence[CropSpec]) -> int:
     dtype = next(iter(params.values())).dtype if params else torch.float32
     meta_state = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in params.items()}
     inputs = [torch.empty(_crop_shape(c), dtype=dtype, device="meta") for c in crops]
-    with _inference_setup(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with _inference_setup(model), torch.no_grad(), flop_counter() as counter:
         functional_call(model, meta_state, (inputs,), {"is_training": True})
     return int(counter.get_total_flops())
 
