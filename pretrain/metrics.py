@@ -38,6 +38,12 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, step)
         return values
 
+    def note(self, step: int, fields: dict[str, str]) -> None:
+        """Record facts about the run that are not numbers (e.g. the attention kernel and why) in metrics.jsonl."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **fields}) + "\n")
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

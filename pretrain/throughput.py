@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
+from collections.abc import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s from the vendors' data sheets (no sparsity), by device-name fragment and dtype.
 GPU_PEAK_TFLOPS = {
@@ -36,30 +40,45 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device, precision: str = "fp32") -> float:
-    """Peak FLOP/s for MFU: the data-sheet figure of a known GPU, else a measured matmul rate."""
+def datasheet_peak(device: torch.device, precision: str = "fp32") -> float | None:
+    """The data-sheet peak FLOP/s of a known GPU, else None."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peaks in GPU_PEAK_TFLOPS.items():
             if fragment in name:
                 return peaks["bf16" if precision == "bf16" else "fp32"] * 1e12
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return measure_matmul_peak(device, dtype)
+    return None
 
 
 class Throughput:
-    """Per-step timing: images/s, data-loading time and MFU from a known FLOP count per step."""
+    """Per-step timing: images/s, data-loading time and MFU from a known FLOP count per step.
 
-    def __init__(self, flops_per_step: float, peak: float, world_size: int = 1) -> None:
-        self.flops_per_step, self.peak, self.world_size = flops_per_step, peak, world_size
+    With a `measure` callable (a device without a data sheet, e.g. a CPU), the peak is re-measured at every report
+    and the fastest rate seen is kept: one measurement taken while data workers start can read far below the true
+    peak (a CPU run once logged MFU 1.5). An MFU still above 1 is reported as NaN with a warning, never as a figure.
+    """
+
+    def __init__(self, flops_per_step: float, peak: float, world_size: int = 1,
+                 measure: Callable[[], float] | None = None) -> None:
+        self.flops_per_step, self.peak, self.world_size, self.measure = flops_per_step, peak, world_size, measure
+        self._warned = False
 
     def stats(self, images: int, step_seconds: float, data_seconds: float) -> dict[str, float]:
         """`images` and `flops_per_step` are per process; MFU is per device."""
+        if self.measure is not None:
+            self.peak = max(self.peak, self.measure())
+        mfu = self.flops_per_step / step_seconds / self.peak if self.peak else float("nan")
+        if mfu > 1:
+            if not self._warned:
+                logger.warning("MFU %.2f > 1: the measured peak (%.1f GFLOP/s) is unreliable on this busy machine; "
+                               "MFU is logged as NaN. Set peak_tflops to the device's peak.", mfu, self.peak / 1e9)
+                self._warned = True
+            mfu = float("nan")
         return {
             "images_per_s": images * self.world_size / step_seconds,
             "data_time_s": data_seconds,
             "step_time_s": step_seconds,
-            "mfu": self.flops_per_step / step_seconds / self.peak if self.peak else float("nan"),
+            "mfu": mfu,
         }
 
 

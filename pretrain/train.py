@@ -32,11 +32,12 @@ from pretrain.distributed import (
 from pretrain.export import export_teacher, load_initial_weights
 from pretrain.meta_arch import LossConfig, ModelConfig, SSLMetaArch, build_backbone
 from pretrain.metrics import MetricsLogger, format_console
+from pretrain.models.attention import choose_backend
 from pretrain.models.flops import train_step_flops
 from pretrain.optim import OptimConfig, build_optimizer, clip_grad_norm
 from pretrain.run_logging import setup_logging
 from pretrain.schedules import TrainingSchedules
-from pretrain.throughput import Throughput, peak_flops, peak_memory_gib
+from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,8 @@ class Trainer:
     def fit(self) -> Path:
         cfg, env = self.cfg, self.env
         self.resume()
+        backend, why = choose_backend(cfg.model.attn_backend, env.device, compute_dtype(cfg.precision))
+        self.metrics.note(self.state.step, {"attention_backend": backend, "attention_reason": why})
         accumulation = cfg.optim.accumulation_steps
         loader, _ = build_pretrain_loader_from_config(cfg.data, rank=env.rank, world=env.world_size, seed=cfg.seed,
                                                       start_step=self.state.step * accumulation,
@@ -204,9 +207,7 @@ class Trainer:
             micro = [_to_device(next(batches), env.device) for _ in range(accumulation)]
             t_data = time.perf_counter() - t0
             if throughput is None:
-                throughput = Throughput(flops_per_step(self.meta, micro[0]) * accumulation,
-                                        cfg.peak_tflops * 1e12 or peak_flops(env.device, cfg.precision),
-                                        env.world_size)
+                throughput = self._throughput(flops_per_step(self.meta, micro[0]) * accumulation)
             torch.manual_seed(step_seed(cfg.seed, self.state.step, env.rank))
             finite, stats = self.train_step(micro)
             self._after_step(finite, stats, micro, throughput, time.perf_counter() - t0, t_data)
@@ -217,6 +218,15 @@ class Trainer:
             export_teacher(self.meta, self.run_dir / "export", env)
         self.metrics.close()
         return self.run_dir
+
+    def _throughput(self, flops: float) -> Throughput:
+        """MFU against `peak_tflops`, else the data sheet, else a matmul rate re-measured at every log."""
+        cfg, device = self.cfg, self.env.device
+        peak = cfg.peak_tflops * 1e12 or datasheet_peak(device, cfg.precision)
+        if peak:
+            return Throughput(flops, peak, self.env.world_size)
+        return Throughput(flops, 0.0, self.env.world_size,
+                          measure=lambda: measure_matmul_peak(device, compute_dtype(cfg.precision), seconds=0.2))
 
     def _after_step(self, finite: bool, stats: dict, micro: list[dict], throughput: Throughput,
                     step_seconds: float, data_seconds: float) -> None:
@@ -251,6 +261,11 @@ class Trainer:
             self.metrics.log(step, knn)
         if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
             self.checkpointer.save(self.state.step, self.app_state())
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the matmuls (and attention) of a run: bf16 under autocast or FSDP2 bf16 params."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -28,7 +28,10 @@ def add_residual_efficient(x: Tensor, layout: TokenLayout, branch: Branch, drop_
     sub_layout, index = layout.sample_subset(keep)
     residual = branch(x[index], sub_layout)
     token_scale = torch.cat([s.repeat_interleave(n) for s, (_, n) in zip(scales, sub_layout.groups, strict=True)])
-    return x.index_add(0, index, residual * token_scale[:, None])
+    # Under autocast the branch and the stream can differ in dtype (bf16 matmuls, fp32 LayerScale): promote as
+    # `x + residual` does in the masked form, since index_add_ takes one dtype.
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype).index_add(0, index, (residual * token_scale[:, None]).to(dtype))
 
 
 def add_residual_masked(x: Tensor, layout: TokenLayout, branch: Branch, drop_prob: float) -> Tensor:
