@@ -49,21 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # options may follow the key=value overrides
     # Imports after parsing, so `--help` answers without loading pyarrow/torch.
     from curate.config import load_curate_config
-    from curate.manifest import ManifestError
+    from curate.errors import CurateError
     from curate.partition import parse_partition_list
-    from curate.sources import SourceError
     from curate.steps import PARTITIONED_STEPS, run_all, run_step
-    from curate.store import EmbeddingStoreError
     from pretrain.config import ConfigError
+    from pretrain.models import CheckpointError
 
     try:
         cfg = load_curate_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    _setup_logging(cfg.log_level, cfg.run_dir / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-"
-                   f"{os.getpid()}.log")
-    try:
+        _setup_logging(cfg.log_level, cfg.run_dir / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                       f"{os.getpid()}.log")
         if args.command == "run":
             if args.partitions is not None:
                 print("--partitions applies to a single step (embed, dedup or shard), not to `run`", file=sys.stderr)
@@ -85,11 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"--partitions: {err}", file=sys.stderr)
                     return 2
             results = [run_step(args.command, cfg, parts, force=args.force)]
+    # User errors (config, inputs, run directory, file system) get one line; anything else is a bug: traceback.
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     except StepOrderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (SourceError, ManifestError, EmbeddingStoreError) as err:  # bad inputs or artefacts: no traceback needed
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+    except (CurateError, CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     for r in results:
         print(f"{r.step:9s} {r.status:8s} {r.summary}")
@@ -97,13 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(level: str, log_file: Path) -> None:
-    """INFO to the console and to a per-invocation file in the run directory (array tasks each get their own)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    """INFO to the console and to a per-invocation file in the run directory (array tasks each get their own).
+
+    Without a writable run directory, the console only: a finished run must still rerun (as a no-op) from a
+    read-only copy, and a step that does have to write fails with its own message."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler(), logging.FileHandler(log_file)]
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    problem = None
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    except OSError as err:
+        problem = f"cannot write the log file {log_file} ({err.strerror or err}); logging to the console only"
     for h in handlers:
         h.setFormatter(fmt)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True)
+    if problem:
+        logging.getLogger(__name__).warning(problem)
 
 
 if __name__ == "__main__":

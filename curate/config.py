@@ -12,7 +12,7 @@ from pathlib import Path
 
 from curate.cluster import ClusterConfig
 from curate.dedup import DedupConfig
-from curate.embed import EmbedConfig
+from curate.embed import EmbedConfig, default_thresholds
 from curate.ingest import IngestConfig, SourceConfig
 from curate.report import ReportConfig
 from curate.retrieve import RetrieveConfig
@@ -58,6 +58,14 @@ class CurateConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        # Thresholds belong to the embedding: unset ones take the defaults of the embedding dedup runs on.
+        dedup_default, eval_default = default_thresholds((self.dedup_embed or self.embed).kind)
+        if self.dedup.threshold is None:
+            self.dedup.threshold = dedup_default
+        if self.dedup.eval_threshold is None:
+            self.dedup.eval_threshold = eval_default
 
     @property
     def run_dir(self) -> Path:

@@ -15,9 +15,10 @@ from PIL import Image, UnidentifiedImageError
 
 # PIL format names; GIF/TIFF decode their first frame.
 DEFAULT_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM"]
-# Modes that convert to RGB without losing meaning; 16-bit/float modes ("I", "F", "I;16") need a deliberate choice of
-# scaling, so they are refused by default rather than silently clipped.
-DEFAULT_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"]
+# Modes that convert to RGB without losing meaning (16-bit greyscale is scaled to 8 bits, see `to_rgb`); 32-bit
+# integer and float modes ("I", "F") have no fixed range to scale from, so they are refused by default.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
+DEFAULT_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT_MODES]
 
 # File extension used for each format when the original bytes are written into a WebDataset shard.
 EXTENSION_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "GIF": "gif",
@@ -80,7 +81,7 @@ def decode_rgb(data: bytes, limits: DecodeLimits) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
-        return _to_rgb(img)
+        return to_rgb(img)
     except Exception as err:  # noqa: BLE001
         raise ImageRejected(f"truncated or corrupt image data: {_short(err)}") from err
 
@@ -94,7 +95,7 @@ def _read_header(data: bytes, limits: DecodeLimits) -> ImageProbe:
     except Image.DecompressionBombError as err:
         return ImageProbe(reject_reason=f"decompression bomb: {_short(err)}")
     except UnidentifiedImageError:
-        return ImageProbe(reject_reason=f"not an image: no known image format in the first bytes {data[:8]!r}")
+        return ImageProbe(reject_reason=_unidentified(data))
     except Exception as err:  # noqa: BLE001
         return ImageProbe(reject_reason=f"not an image: {_short(err)}")
     fmt, (width, height), mode = img.format, img.size, img.mode
@@ -126,7 +127,22 @@ def _decode_fully(data: bytes) -> None:
             img.load()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _unidentified(data: bytes) -> str:
+    """Why PIL cannot open `data`. PIL says only "cannot identify image file"; bytes that start with the signature of
+    a format are a corrupt file of that format (a PNG whose header checksum is wrong...), and that format's own
+    plugin says what is wrong with it."""
+    Image.init()
+    for fmt, (factory, accept) in Image.OPEN.items():
+        if accept is not None and accept(data[:16]) is True:
+            try:
+                factory(io.BytesIO(data), "")
+            except Exception as err:  # noqa: BLE001 - plugins raise SyntaxError, struct.error, ValueError...
+                return f"corrupt {fmt}: {_short(err)}"
+    return f"not an image: no known image format in the first bytes {data[:8]!r}"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB copy of `img`: alpha composited onto white, 16-bit greyscale scaled to 8 bits."""
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -135,6 +151,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
+    if img.mode in SIXTEEN_BIT_MODES:
+        # PIL's own conversion clips every value above 255 to white; 65535 / 257 = 255 (as pretrain.data.decode).
+        img = img.point(lambda v: v * (255 / 65535)).convert("L")
     return img.convert("RGB")
 
 

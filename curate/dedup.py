@@ -29,11 +29,13 @@ KEEP_RULES = ("first_uid", "first_row")
 
 @dataclass
 class DedupConfig:
-    """Dedup step options (defaults: the DINOv2 paper)."""
+    """Dedup step options (defaults: the DINOv2 paper, thresholds fitted to the embedding)."""
 
     k: int = 64  # neighbours per image in the kNN graph
-    threshold: float = 0.6  # cosine at or above which two pool images are copies
-    eval_threshold: float = 0.45  # cosine at or above which a pool image is a copy of an evaluation image
+    # Cosines at or above which two pool images are copies, and a pool image is a copy of an evaluation image.
+    # None: the dedup embedding's own (curate.embed.default_thresholds; DINOv2's 0.6 / 0.45 for networks).
+    threshold: float | None = None
+    eval_threshold: float | None = None
     keep: str = "first_uid"  # which member of a duplicate group survives: smallest uid, or first row
     use_gpu: str = "auto"  # faiss on GPU: auto (when present) | gpu | cpu
 
@@ -45,7 +47,7 @@ class DedupConfig:
             raise ValueError(f"dedup.keep={self.keep!r}: use one of {', '.join(KEEP_RULES)}")
         for key in ("threshold", "eval_threshold"):
             value = getattr(self, key)
-            if not -1.0 <= value <= 1.0:
+            if value is not None and not -1.0 <= value <= 1.0:
                 raise ValueError(f"dedup.{key}={value}: a cosine similarity threshold must lie in [-1, 1]")
 
 

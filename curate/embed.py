@@ -31,9 +31,26 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from curate.decode import to_rgb
+from pretrain.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("dinov2", "open_clip", "random_vit", "copydetect")
+# DINOv2's dedup / decontamination cosines (Oquab et al. 2023), chosen for SSCD copy-detection network features; the
+# default for the network embeddings. The weight-free copydetect descriptor has its own (see `default_thresholds`).
+NETWORK_THRESHOLDS = (0.6, 0.45)
+
+
+def default_thresholds(kind: str) -> tuple[float, float]:
+    """(dedup, decontamination) cosine thresholds that fit an embedding of `kind`: the defaults of `dedup.threshold`
+    and `dedup.eval_threshold`. Unrelated photos sit near cosine 0.6 under copydetect, so DINOv2's 0.6 would remove
+    most of a pool there."""
+    if kind == "copydetect":
+        from curate.copydetect import RECOMMENDED_EVAL_THRESHOLD, RECOMMENDED_THRESHOLD
+
+        return RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD
+    return NETWORK_THRESHOLDS
 
 
 @dataclass
@@ -103,7 +120,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"embed.device={device!r} but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"embed.device={device!r} but CUDA is not available; use 'auto' or 'cpu'")
     return dev
 
 
@@ -119,8 +136,8 @@ def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> E
     from pretrain.models import build_vit, load_pretrained
 
     if pretrained and not cfg.weights:
-        raise ValueError("embed.kind=dinov2 needs embed.weights: a pretrain run directory, or a checkpoint, "
-                         "release or official DINOv2 file")
+        raise ConfigError("embed.kind=dinov2 needs embed.weights: a pretrain run directory, or a checkpoint, "
+                          "release or official DINOv2 file")
     if pretrained and Path(cfg.weights).is_dir():
         from pretrain.export import load_exported_backbone
 
@@ -178,7 +195,8 @@ def build_embedder(cfg: EmbedConfig) -> Embedder:
 
 
 def decode_image(item: Image.Image | bytes | bytearray | memoryview, draft_size: int | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image or encoded bytes (EXIF orientation applied)."""
+    """An RGB PIL image from a PIL image or encoded bytes (EXIF orientation applied; alpha and 16-bit greyscale
+    converted as the report shows them, by `curate.decode.to_rgb`)."""
     if isinstance(item, Image.Image):
         image = item
     elif isinstance(item, bytes | bytearray | memoryview):
@@ -188,8 +206,7 @@ def decode_image(item: Image.Image | bytes | bytearray | memoryview, draft_size:
             image.draft("RGB", (draft_size, draft_size))
     else:
         raise TypeError(f"expected a PIL image or encoded bytes, got {type(item).__name__}")
-    image = ImageOps.exif_transpose(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:

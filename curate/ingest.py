@@ -77,6 +77,8 @@ def ingest_sources(role_sources: list[tuple[str, SourceConfig]], cfg: IngestConf
         bar = tqdm(_probe_all(inputs, cfg), desc=f"ingest {role}:{name}", unit="img", mininterval=2.0)
         for raw, sha, probe in bar:
             rows.append(_row(role, raw, sha, probe, n_partitions))
+        if len(rows) == before:  # a wrong path, or a copy that has not finished: stop before any step runs on it
+            raise SourceError(f"{role} source {name!r}: {src.path} holds no inputs (an empty folder, tar or file list)")
         reasons = Counter(r["reject_reason"] is not None for r in rows[before:])
         log.info("ingest %s source %s (%s): %d inputs, %d rejected", role, name, src.path, len(rows) - before,
                  reasons[True])

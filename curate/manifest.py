@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_write
+from curate.errors import CurateError
 
 ROLES = ("pool", "seed", "eval")
 STATUSES = ("ok", "rejected", "duplicate", "contaminated", "selected", "not_selected")
@@ -60,7 +61,7 @@ STATUS_SCHEMA = pa.schema([("status", pa.string()), ("reason", pa.string())])
 CLUSTER_PREFIX = "cluster_l"  # one int32 column per hierarchy level: cluster_l1 (finest), cluster_l2, ...
 
 
-class ManifestError(ValueError):
+class ManifestError(CurateError, ValueError):
     """The manifest is missing, malformed, or breaks the accounting invariant."""
 
 
@@ -69,7 +70,11 @@ def read_manifest(path: str | Path) -> pa.Table:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: run `python -m curate ingest CONFIG` first")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowInvalid as err:  # a foreign or damaged file: manifests are only ever replaced whole
+        raise ManifestError(f"{path} is not a readable Parquet manifest ({err}): run `python -m curate ingest CONFIG "
+                            "--force` to rebuild it") from None
     missing = [n for n in INGEST_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ManifestError(f"{path} is not a curate manifest: missing columns {missing}")
@@ -102,6 +107,15 @@ def set_columns(table: pa.Table, columns: dict[str, pa.Array | Sequence], schema
         idx = table.column_names.index(name) if name in table.column_names else -1
         table = table.set_column(idx, name, values) if idx >= 0 else table.append_column(name, values)
     return table
+
+
+def owning_step(column: str) -> str | None:
+    """The step that writes `column`: dedup, cluster or retrieve (None: ingest's columns and the derived status)."""
+    if column in DEDUP_SCHEMA.names:
+        return "dedup"
+    if column.startswith(CLUSTER_PREFIX):
+        return "cluster"
+    return "retrieve" if column in RETRIEVE_SCHEMA.names else None
 
 
 def drop_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:

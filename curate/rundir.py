@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.atomic import atomic_write_json
+from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def downstream(step: str) -> list[str]:
     return [s for s in STEPS if s in after]
 
 
-class StepOrderError(RuntimeError):
+class StepOrderError(CurateError, RuntimeError):
     """A step was asked to run before the steps it reads from."""
 
 

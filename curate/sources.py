@@ -20,6 +20,8 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from curate.errors import CurateError
+
 SOURCE_KINDS = ("auto", "folder", "tar", "webdataset", "filelist")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 FILELIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -28,8 +30,8 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder source of WebDatas
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 
 
-class SourceError(ValueError):
-    """A configured source cannot be read at all (missing path, unknown kind)."""
+class SourceError(CurateError, ValueError):
+    """A configured source cannot be read at all (missing path, unknown kind, not a file list) or holds nothing."""
 
 
 @dataclass
@@ -84,35 +86,62 @@ def read_source(path: str, kind: str, name: str, max_bytes: int) -> Iterator[Raw
 
 
 def read_folder(root: str, name: str, max_bytes: int) -> Iterator[RawInput]:
-    """Every file under `root`, recursively, in sorted order (symlinked folders are not followed).
+    """Every file under `root`, recursively, in sorted order.
 
+    Symbolic links are followed, to files and to folders alike (pools are often assembled from links); a folder
+    reached a second time (a link loop, or two links to one folder) is one rejected row instead, so the walk ends
+    and every entry still has its row. A broken link, or a folder that cannot be listed, is a rejected row too.
     Hidden entries (names starting with '.': .DS_Store, editor swap files, .git) are rejected rows, not read: a
     hidden folder is one row, so nothing under `root` goes unaccounted for.
     """
     base = Path(root)
     if not base.is_dir():
         raise SourceError(f"source {name!r}: folder {root!r} does not exist or is not a directory")
-    for dirpath, dirnames, filenames in os.walk(base):
+    visited = {os.path.realpath(base)}
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(base, onerror=unlisted.append, followlinks=True):
+        yield from _unlisted_rows(unlisted, base, name)
         folder = Path(dirpath)
-        hidden_dirs = sorted(d for d in dirnames if d.startswith("."))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for entry in sorted([*filenames, *hidden_dirs]):
+        rejected = {d: f"hidden folder (name starts with '.'): {folder / d}" for d in dirnames if d.startswith(".")}
+        for d in sorted(set(dirnames) - set(rejected)):
+            target = os.path.realpath(folder / d)
+            if target in visited:
+                rejected[d] = f"link to a folder read already ({folder / d} -> {target}): a link loop or a second link"
+            visited.add(target)
+        dirnames[:] = sorted(set(dirnames) - set(rejected))
+        for entry in sorted([*filenames, *rejected]):
             full = folder / entry
             locator = full.relative_to(base).as_posix()
-            if entry.startswith("."):
-                kind = "folder" if entry in hidden_dirs else "file"
-                yield RawInput(name, locator, str(full.absolute()), reject_reason=f"hidden {kind} (name starts "
-                               f"with '.'): {full}")
+            if entry in rejected:
+                yield RawInput(name, locator, str(full.absolute()), reject_reason=rejected[entry])
+            elif entry.startswith("."):
+                yield RawInput(name, locator, str(full.absolute()), reject_reason=f"hidden file (name starts with "
+                               f"'.'): {full}")
             else:
                 yield _read_file(full, name, locator, max_bytes)
+    yield from _unlisted_rows(unlisted, base, name)
+
+
+def _unlisted_rows(errors: list[OSError], base: Path, name: str) -> Iterator[RawInput]:
+    """One rejected row per folder that os.walk could not list (it would skip them silently)."""
+    for err in errors:
+        full = Path(err.filename)
+        yield RawInput(name, full.relative_to(base).as_posix(), str(full.absolute()),
+                       reject_reason=f"unreadable folder: {err.strerror or err}")
+    errors.clear()
 
 
 def read_filelist(list_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
     """One local path per line (relative paths are relative to the list's folder); blank and # lines are skipped."""
     lp = Path(list_path)
     if not lp.is_file():
-        raise SourceError(f"source {name!r}: file list {list_path!r} does not exist")
-    for line in lp.read_text(encoding="utf-8").splitlines():
+        raise SourceError(f"source {name!r}: file list {list_path!r} does not exist or is not a file")
+    try:
+        text = lp.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"source {name!r}: {list_path!r} is not a file list (not UTF-8 text at byte {err.start}); "
+                          "a file list holds one image path per line") from None
+    for line in text.splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -194,7 +223,7 @@ def _iter_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[tuple[str, R
     """(member name, RawInput) for every non-folder member; a corrupt tail becomes one final rejected input."""
     path = Path(tar_path)
     if not path.is_file():
-        raise SourceError(f"source {name!r}: tar file {tar_path!r} does not exist")
+        raise SourceError(f"source {name!r}: tar file {tar_path!r} does not exist or is not a file")
     seekable = not _is_compressed(path)
     count = 0
     try:

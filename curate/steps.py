@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +30,7 @@ from tqdm import tqdm
 
 from curate.atomic import atomic_write, atomic_write_json
 from curate.config import CurateConfig
+from curate.errors import CurateError
 from curate.ingest import ingest_sources, source_name
 from curate.manifest import (
     CLUSTER_PREFIX,
@@ -37,17 +41,18 @@ from curate.manifest import (
     derive_status,
     drop_columns,
     mask_of,
+    owning_step,
     read_manifest,
     set_columns,
     write_manifest,
 )
 from curate.report import write_report
-from curate.rundir import STEPS, RunDir
-from curate.shard_plan import finished_shard, image_extension, plan_all_shards, record_shard, sample_metadata
+from curate.rundir import STEPS, RunDir, downstream
+from curate.shard_plan import PARTS_DIR, finished_shard, image_extension, plan_all_shards, record_shard, sample_metadata
 from curate.shards import ShardWriter, shard_name, write_index
 from curate.sources import SampleReader
 from curate.store import EmbeddingStore
-from pretrain.config import save_config
+from pretrain.config import save_config, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +104,33 @@ def _execute(cfg: CurateConfig, step: str, body: Callable[[RunDir, str], dict | 
     started = time.time()
     log.info("step %s: starting in %s", step, run.root)
     run.invalidate_downstream(step)
+    _reset_later_columns(run, step)
     summary = body(run, expected)
     if summary is None:
         return StepResult(step, "partial")
     run.write_marker(step, expected, summary, started)
     log.info("step %s: done in %.1fs: %s", step, time.time() - started, summary)
     return StepResult(step, "done", summary)
+
+
+def _reset_later_columns(run: RunDir, step: str) -> None:
+    """Drop the manifest columns of the steps after `step` (their markers are gone, they will be redone), so that no
+    row keeps a status from a step that is no longer current, such as `not_selected` from an earlier retrieve."""
+    try:
+        columns = pq.read_schema(run.manifest).names
+    except (FileNotFoundError, pa.ArrowInvalid):  # none yet, or damaged: ingest rebuilds it, other steps report it
+        return
+    later = [c for c in columns if owning_step(c) in downstream(step)]
+    if later:
+        log.info("step %s runs: clearing the manifest columns of later steps (%s)", step, ", ".join(later))
+        write_manifest(derive_status(drop_columns(read_manifest(run.manifest), later)), run.manifest)
+
+
+def _save_config(cfg: CurateConfig) -> None:
+    """config.yaml of the run, rewritten only when it changed: a finished run on a read-only disk reruns as a no-op."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file() or path.read_text() != to_yaml(cfg):
+        save_config(cfg, cfg.run_dir)
 
 
 def run_step(step: str, cfg: CurateConfig, partitions: Sequence[int] | None = None,
@@ -117,14 +143,14 @@ def run_step(step: str, cfg: CurateConfig, partitions: Sequence[int] | None = No
     if partitions is not None and force:
         raise ValueError("force with partitions would discard the partitions other tasks finished; force the whole "
                          "step once (no partitions) instead")
-    save_config(cfg, cfg.run_dir)
+    _save_config(cfg)
     fn = STEP_FUNCTIONS[step]
     return fn(cfg, partitions=partitions, force=force) if step in PARTITIONED_STEPS else fn(cfg, force=force)
 
 
 def run_all(cfg: CurateConfig, force: bool = False) -> list[StepResult]:
     """Every step in order; finished steps are skipped. `force` redoes them all."""
-    save_config(cfg, cfg.run_dir)
+    _save_config(cfg)
     return [STEP_FUNCTIONS[step](cfg, force=force) for step in STEPS]
 
 
@@ -222,7 +248,7 @@ def _embedding_store(run: RunDir, cfg: CurateConfig, purpose: str = "model") -> 
     marker = run.read_marker("embed") or {}
     model = marker.get("summary", {}).get(purpose)
     if not model:
-        raise RuntimeError(f"{run.marker('embed')} names no {purpose}: rerun the embed step")
+        raise CurateError(f"{run.marker('embed')} names no {purpose}: rerun the embed step")
     return EmbeddingStore(run.embeddings(model), cfg.partitions)
 
 
@@ -230,18 +256,19 @@ def _embedding_store(run: RunDir, cfg: CurateConfig, purpose: str = "model") -> 
 
 
 def _warn_uncalibrated_thresholds(cfg: CurateConfig) -> None:
-    """DINOv2's 0.6 / 0.45 are calibrated for SSCD-like copy features; the copydetect descriptor puts unrelated
-    photos at a median cosine of 0.61, so those thresholds would remove much of the pool as copies."""
+    """The copydetect descriptor puts unrelated photos at a median cosine of 0.61, so thresholds below its calibrated
+    ones (DINOv2's 0.6 / 0.45, made for SSCD-like copy features) remove much of the pool as copies."""
     from curate.copydetect import RECOMMENDED_EVAL_THRESHOLD, RECOMMENDED_THRESHOLD
 
     if (cfg.dedup_embed or cfg.embed).kind != "copydetect":
         return
-    if cfg.dedup.threshold < RECOMMENDED_THRESHOLD or cfg.dedup.eval_threshold < RECOMMENDED_EVAL_THRESHOLD:
-        log.warning("dedup.threshold=%s / dedup.eval_threshold=%s are below the copydetect embedding's calibrated "
-                       "%s / %s: unrelated photos will be removed as copies; set dedup.threshold=%s "
-                       "dedup.eval_threshold=%s unless that is intended", cfg.dedup.threshold,
-                       cfg.dedup.eval_threshold, RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD,
-                       RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD)
+    below = [f"dedup.{key}={value} is below the copydetect embedding's calibrated {calibrated}"
+             for key, value, calibrated in (("threshold", cfg.dedup.threshold, RECOMMENDED_THRESHOLD),
+                                            ("eval_threshold", cfg.dedup.eval_threshold, RECOMMENDED_EVAL_THRESHOLD))
+             if value < calibrated]
+    if below:
+        log.warning("%s: unrelated photos will be removed as copies; leave the thresholds unset (the embedding's "
+                    "defaults) unless that is intended", "; ".join(below))
 
 
 def dedup(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: bool = False) -> StepResult:
@@ -356,7 +383,8 @@ def cluster(cfg: CurateConfig, force: bool = False) -> StepResult:
         pool = np.nonzero(mask_of(table, "pool", ["ok", "selected", "not_selected"]))[0]
         seeds = np.nonzero(mask_of(table, "seed", ["ok"]))[0]
         if pool.size == 0:
-            raise RuntimeError("nothing to cluster: no pool image survived ingest and dedup (see the manifest)")
+            raise CurateError("nothing to cluster: no pool image survived ingest and dedup (see the manifest's "
+                              "status and reason columns)")
         emb = store.gather([uid_col[i] for i in pool]).astype(np.float32)
         hierarchy = hierarchical_kmeans(emb, cfg.cluster)
         seed_assign = None
@@ -440,7 +468,7 @@ def retrieve(cfg: CurateConfig, force: bool = False) -> StepResult:
                           table.column(col).to_numpy(zero_copy_only=False)[pool].astype(np.int64))
                          for lv, col in enumerate(levels)]
             if not hierarchy:
-                raise RuntimeError("balanced selection needs the cluster step's assignments: run `cluster` first")
+                raise CurateError("balanced selection needs the cluster step's assignments: run `cluster` first")
             top = hierarchy[-1][1]
             for j in balanced_sample(hierarchy, cfg.select.n_balanced, cfg.select.seed):
                 reason[pool[j]] = f"balanced:{len(hierarchy)}/{top[j]}"
@@ -476,6 +504,9 @@ def shard(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: boo
         plan = plan_all_shards(rows, cfg.partitions, cfg.shards.max_count, cfg.shards.max_bytes)
         wanted = set(partitions) if partitions is not None else set(range(cfg.partitions))
         prefix = cfg.shards.prefix
+        ours = {number for number, partition, _ in plan if partition in wanted}
+        _remove_stale_temporaries(run.shards, rf"{re.escape(prefix)}-(\d+)\.tar", ours)
+        _remove_stale_temporaries(run.shards / PARTS_DIR, r"(\d+)\.json", ours)
         written = 0
         with SampleReader() as reader:
             for number, partition, members in tqdm(plan, desc="shard", unit="shard", mininterval=2.0):
@@ -506,6 +537,23 @@ def shard(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: boo
                 "bytes": sum(i.bytes for i in infos)}
 
     return _execute(cfg, "shard", body, force)
+
+
+def _remove_stale_temporaries(folder: Path, shard_file: str, numbers: set[int]) -> None:
+    """Remove what killed writers left of the files of shards `numbers`: their temporary siblings, named
+    `.<file>.<pid>.tmp` (curate.atomic), where `shard_file` matches <file> and captures the shard number.
+
+    A process id tells nothing across the nodes of an array job, so ownership decides, not liveness: this call
+    writes every shard of its partitions that is not finished, so another process's temporary of one of them is
+    debris of a killed run, or belongs to a predecessor of this (requeued) task writing the same bytes, whose rename
+    then fails while this call writes the shard. Temporaries of other partitions belong to other tasks: left alone.
+    """
+    pattern = re.compile(rf"\.{shard_file}\.(\d+)\.tmp")
+    for path in folder.glob(".*.tmp"):
+        match = pattern.fullmatch(path.name)
+        if match and int(match[1]) in numbers and int(match[2]) != os.getpid():
+            log.info("shard: removing %s, left by an interrupted writer", path)
+            path.unlink(missing_ok=True)
 
 
 # --- report ------------------------------------------------------------------------------------------------------

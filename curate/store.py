@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from curate.atomic import atomic_write, atomic_write_json, atomic_write_text
+from curate.errors import CurateError
 
 INDEX_NAME = "index.json"
 NORM_TOLERANCE = 2e-2  # float16 rounding of a unit vector moves its norm by ~1e-3; 2e-2 catches unnormalised output
 
 
-class EmbeddingStoreError(ValueError):
+class EmbeddingStoreError(CurateError, ValueError):
     """Embeddings missing, misaligned with the manifest, or not normalised."""
 
 

@@ -21,6 +21,11 @@ from evaluation.process_group import init_from_env
 from evaluation.results import render_markdown
 from evaluation.sharding import current_rank
 from pretrain.config import ConfigError, load_config
+from pretrain.data.datasets import DatasetError, detect_kind, split_kind_prefix
+from pretrain.models import CheckpointError
+
+# Bad paths, configs and weights files: reported on one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,13 +66,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = [f"--{key}" for key in ("train", "val") if not getattr(cfg, key)]
         if missing:
             parser.error(f"{' and '.join(missing)} not given (labelled datasets; or set them in --config)")
-        result = run_evaluation(cfg)
+        try:
+            for key in ("train", "val"):
+                _check_dataset(key, getattr(cfg, key))
+            result = run_evaluation(cfg)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         if result is not None:
             print(render_markdown(result))
         return 0
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def _check_dataset(key: str, spec: str) -> None:
+    """Refuse, before any model is built, a dataset path that cannot be a dataset (a stray file, an empty folder)."""
+    kind, path = split_kind_prefix(spec)
+    if kind is None:
+        try:
+            detect_kind(path)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"--{key}: {err}") from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from evaluation.config import BackboneConfig
+from pretrain.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _is_run_directory(weights: str) -> bool:
 
 def _weights_path(weights: str) -> Path:
     if not weights:
-        raise ValueError("model.weights is empty: pass --weights PATH (a .pth/.safetensors file) or --weights random")
+        raise ConfigError("model.weights is empty: pass --weights PATH (a .pth/.safetensors file) or --weights random")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(

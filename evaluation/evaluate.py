@@ -29,6 +29,7 @@ from evaluation.sharding import current_rank, current_world_size
 from evaluation.transform import make_eval_transform
 from pretrain.config import save_config
 from pretrain.data.datasets import build_dataset
+from pretrain.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,14 @@ def align_labels(train_set: Dataset, val_set: Dataset, train: FeatureSet, val: F
     for name, fs in (("train", train), ("val", val)):
         bad = int((fs.labels < 0).sum())
         if bad:
-            raise ValueError(f"{bad} {name} samples have no label (label < 0); evaluation datasets need labels")
+            raise DatasetError(f"{bad} {name} samples have no label (label < 0); evaluation datasets need labels")
     train_classes, val_classes = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
     if train_classes and val_classes and list(train_classes) != list(val_classes):
         unknown = sorted(set(val_classes) - set(train_classes))
         if unknown:
-            raise ValueError(f"val classes absent from the train split: {unknown[:10]} ({len(unknown)} in all); "
-                             "the two splits must share class names")
+            only_train = sorted(set(train_classes) - set(val_classes))
+            raise DatasetError(f"val classes absent from the train split: {unknown[:10]} ({len(unknown)} in all; "
+                               f"train-only classes: {only_train[:10]}); the two splits must share class names")
         lookup = torch.tensor([list(train_classes).index(c) for c in val_classes])
         val = FeatureSet(lookup[val.labels], val.block_cls, val.patch_mean, val.decode_errors)
     num_classes = len(train_classes) if train_classes else int(max(train.labels.max(), val.labels.max())) + 1

@@ -22,22 +22,28 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", help="a pretrain run directory, e.g. runs/pretrain/cpu_tiny")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
-
-    if args.command == "export":
-        from pretrain.export import export_run
-
-        print(export_run(args.run_dir, args.step))
-        return 0
-    from pretrain.train import TrainConfig, train  # heavy imports after argument parsing keep --help fast
+    # After parsing: --help answers without importing torch.
+    from pretrain.data.errors import DatasetError
+    from pretrain.models import CheckpointError
 
     try:
+        if args.command == "export":
+            from pretrain.export import export_run
+
+            print(export_run(args.run_dir, args.step))
+            return 0
+        from pretrain.train import TrainConfig, train  # heavy imports after argument parsing keep --help fast
+
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        print(train(cfg))
+        return 0
+    # Bad paths, configs and weights files: one line. Anything else is a bug and keeps its traceback.
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = train(cfg)
-    print(run_dir)
-    return 0
+    except (CheckpointError, DatasetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -99,8 +99,12 @@ def _merge_strict(cfg: DictConfig, layer: DictConfig, origin: str) -> DictConfig
     try:
         return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
     except (ConfigKeyError, ConfigAttributeError) as err:
-        key = _full_key(err)
-        raise ConfigError(f"{origin}: unknown config key {key!r}{_suggest(cfg, key)}") from None
+        # OmegaConf reports a key inside a list item without its path ('pth', not 'sources[0].pth'): find it ourselves.
+        found = _unknown_key(OmegaConf.get_type(cfg), OmegaConf.to_container(layer))
+        if found is None:
+            raise ConfigError(f"{origin}: unknown config key {_full_key(err)!r}") from None
+        key, valid = found
+        raise ConfigError(f"{origin}: unknown config key {key!r}{_suggest(key, valid)}") from None
     except ValidationError as err:
         raise ConfigError(f"{origin}: bad value for key {_full_key(err)!r}: {_describe(err)}") from None
 
@@ -109,16 +113,36 @@ def _full_key(err: OmegaConfBaseException) -> str:
     return str(getattr(err, "full_key", None) or getattr(err, "key", None) or "?")
 
 
-def _suggest(cfg: DictConfig, dotted: str) -> str:
-    """'; did you mean ...?' with the nearest valid key at the level where `dotted` went wrong."""
-    parent_path, _, leaf = dotted.rpartition(".")
-    node = OmegaConf.select(cfg, parent_path) if parent_path else cfg
-    valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+def _unknown_key(schema: Any, value: Any, path: str = "") -> tuple[str, list[str]] | None:
+    """(full path such as 'sources[0].pth', the valid keys there) of the first key of `value` that the dataclass
+    type `schema` does not have, looking through nested dataclasses, lists of them and optional ones."""
+    if is_dataclass(schema) and isinstance(value, dict):
+        fields = get_type_hints(schema)
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in fields:
+                return where, sorted(fields)
+            if found := _unknown_key(fields[key], item, where):
+                return found
+    elif get_origin(schema) is list and isinstance(value, list):
+        (item_type,) = get_args(schema)
+        for i, item in enumerate(value):
+            if found := _unknown_key(item_type, item, f"{path}[{i}]"):
+                return found
+    else:  # `X | None`: the dataclass alternative
+        for option in get_args(schema):
+            if is_dataclass(option):
+                return _unknown_key(option, value, path)
+    return None
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    """'; did you mean ...?' with the nearest valid key at the level where `key` went wrong."""
+    parent, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    prefix = f"{parent_path}." if parent_path else ""
     if close:
-        return f"; did you mean {prefix + close[0]!r}?"
-    return f"; valid keys here: {', '.join(sorted(valid))}" if valid else ""
+        return f"; did you mean {(f'{parent}.' if parent else '') + close[0]!r}?"
+    return f"; valid keys here: {', '.join(valid)}"
 
 
 def _describe(err: OmegaConfBaseException) -> str:

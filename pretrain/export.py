@@ -42,11 +42,14 @@ def export_teacher(meta: SSLMetaArch, out_dir: str | Path, env: DistributedEnv) 
 def export_run(run_dir: str | Path, step: int | None = None) -> Path:
     """Export the teacher of a run's checkpoint (the latest, or `step`) to `run_dir/export`, in one process."""
     from pretrain.checkpoint import Checkpointer, ModelState
-    from pretrain.config import load_config
+    from pretrain.config import ConfigError, load_config
     from pretrain.distributed import init_distributed
     from pretrain.train import TrainConfig
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a pretrain run (no config.yaml); a run directory, written by "
+                          "`python -m pretrain train`, holds config.yaml and checkpoints/step_*/")
     cfg = load_config(TrainConfig, run_dir / "config.yaml")
     meta = SSLMetaArch(cfg.model, cfg.loss)
     checkpointer = Checkpointer(run_dir / "checkpoints")
@@ -71,22 +74,26 @@ def load_initial_weights(meta: SSLMetaArch, source: str | Path) -> None:
     logger.info("initialised student and teacher from %s%s", backbone_file, f" + {heads_file}" if heads_file else "")
 
 
-def find_export(path: str | Path) -> Path | None:
-    """The export folder of a pretrain run directory (or the export folder itself); None when `path` is neither."""
+def find_export(path: str | Path) -> Path:
+    """The export folder of a pretrain run directory (or the export folder itself).
+
+    Raises FileNotFoundError saying what to do: a run stopped before its end has checkpoints but no export yet.
+    """
     path = Path(path).expanduser()
     for folder in (path / "export", path):
         if (folder / BACKBONE_FILE).is_file():
             return folder
-    return None
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"pretrain run {path} has no export yet (no export/{BACKBONE_FILE}; the run stopped "
+                                f"before its end?): run `python -m pretrain export {path}` first")
+    raise FileNotFoundError(f"{path}: no {BACKBONE_FILE} in it or in its export/ folder; pass a pretrain run "
+                            "directory, its export/ folder, or a backbone weights file")
 
 
 def load_exported_backbone(path: str | Path) -> nn.Module:
     """The teacher backbone of a pretrain run (or its export folder), built from the run's model config, in eval
     mode: how evaluation and curation use our own models."""
     folder = find_export(path)
-    if folder is None:
-        raise FileNotFoundError(f"{path}: no {BACKBONE_FILE} in it or in its export/ folder; pass a finished pretrain "
-                                f"run directory (or run `python -m pretrain export RUN` first), or its export/ folder")
     backbone = build_backbone(ModelConfig(**json.loads((folder / MODEL_CONFIG_FILE).read_text())), drop_path=False)
     load_pretrained(backbone, folder / BACKBONE_FILE)
     return backbone.eval()
@@ -96,11 +103,6 @@ def _resolve(source: Path) -> tuple[Path, Path | None]:
     if source.is_file():
         return source, None
     folder = find_export(source)
-    if folder is None:
-        raise FileNotFoundError(
-            f"init_weights={source}: no weights file and no {BACKBONE_FILE} in it or in its export/ folder; pass a "
-            f"finished pretrain run directory, its export/ folder, or a backbone weights file"
-        )
     heads = folder / HEADS_FILE
     return folder / BACKBONE_FILE, heads if heads.is_file() else None
 

@@ -80,3 +80,28 @@ def test_missing_required_value_names_the_full_key():
     with pytest.raises(ConfigError, match=r"not set: dataset.*dataset=\.\.\."):
         load_config(NeedsData)
     assert load_config(NeedsData, None, ["dataset=/data"]).dataset == "/data"
+
+
+@dataclass
+class SourceEntry:
+    path: str = ""
+    kind: str = "auto"
+    name: str = ""
+
+
+@dataclass
+class WithLists:
+    name: str = "demo"
+    sources: list[SourceEntry] = field(default_factory=list)
+    extra: OptimConfig | None = None
+
+
+def test_typo_inside_a_list_entry_names_its_full_path_and_the_entry_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("sources:\n  - {path: /a}\n  - {pth: /b}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'sources\[1\]\.pth'; did you mean 'sources\[1\]\.path'"):
+        load_config(WithLists, path)
+    with pytest.raises(ConfigError, match=r"'sources\[0\]\.zzz'; valid keys here: kind, name, path$"):
+        load_config(WithLists, None, ["sources=[{zzz: 1}]"])
+    with pytest.raises(ConfigError, match=r"'extra\.lrr'; did you mean 'extra\.lr'"):
+        load_config(WithLists, None, ["extra={lrr: 1}"])

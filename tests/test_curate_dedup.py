@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from curate.config import load_curate_config
+from curate.copydetect import RECOMMENDED_EVAL_THRESHOLD, RECOMMENDED_THRESHOLD
 from curate.dedup import (
     DedupConfig,
     UnionFind,
@@ -243,6 +245,33 @@ def test_decontamination_removes_whole_components():
     assert index[0] == -1 and sim[0] == pytest.approx(float((evals @ pool[0]).max()), abs=1e-5)
 
 
+def test_unset_thresholds_are_those_of_the_embedding_dedup_runs_on(tmp_path):
+    """Unrelated photos sit near cosine 0.6 under copydetect: DINOv2's 0.6 / 0.45 are only the networks' default."""
+    path = tmp_path / "c.yaml"
+    path.write_text("sources: [{path: pool}]\nembed: {kind: copydetect}\n")  # no dedup section
+    cfg = load_curate_config(path)
+    assert (cfg.dedup.threshold, cfg.dedup.eval_threshold) == (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD)
+    assert (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD) == (0.8, 0.75)
+    assert load_curate_config(path, ["embed.kind=random_vit"]).dedup.threshold == 0.6
+    networks = load_curate_config(path, ["embed.kind=random_vit", "dedup.eval_threshold=0.5"]).dedup
+    assert (networks.threshold, networks.eval_threshold) == (0.6, 0.5)  # a set value stays
+    # dedup runs on dedup_embed when there is one
+    split = load_curate_config(path, ["embed.kind=random_vit", "dedup_embed={kind: copydetect}"]).dedup
+    assert (split.threshold, split.eval_threshold) == (0.8, 0.75)
+
+
+def test_uncalibrated_threshold_warning_names_only_the_low_one(caplog):
+    from curate.steps import _warn_uncalibrated_thresholds
+
+    cfg = load_curate_config(None, ["sources=[{path: pool}]", "dedup.threshold=0.6", "dedup.eval_threshold=0.8"])
+    _warn_uncalibrated_thresholds(cfg)
+    assert "dedup.threshold=0.6 is below the copydetect embedding's calibrated 0.8" in caplog.text
+    assert "eval_threshold" not in caplog.text.split("unrelated photos")[0]
+    caplog.clear()
+    _warn_uncalibrated_thresholds(load_curate_config(None, ["sources=[{path: pool}]"]))
+    assert caplog.text == ""
+
+
 def test_decontamination_without_evals_or_pool():
     rng = np.random.default_rng(10)
     assert decontaminate(unit(rng, 4), np.zeros((0, 32), np.float32), [], 0.45) == [None] * 4
@@ -251,7 +280,7 @@ def test_decontamination_without_evals_or_pool():
 
 def test_dedup_config_defaults_and_validation():
     cfg = DedupConfig()
-    assert (cfg.k, cfg.threshold, cfg.eval_threshold, cfg.keep) == (64, 0.6, 0.45, "first_uid")
+    assert (cfg.k, cfg.threshold, cfg.eval_threshold, cfg.keep) == (64, None, None, "first_uid")  # the embedding's
     with pytest.raises(ValueError, match="dedup.keep"):
         DedupConfig(keep="biggest")
     with pytest.raises(ValueError, match="dedup.threshold"):

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from curate.copydetect import CopyDetectDescriptor
 from curate.embed import EmbedConfig, build_embedder, decode_image, embed_images
+from pretrain.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,8 @@ def test_decode_image_modes():
         Image.new(mode, (20, 10)).save(buf, format="PNG" if mode != "CMYK" else "JPEG")
         assert decode_image(buf.getvalue()).mode == "RGB"
     assert decode_image(Image.new("L", (4, 4))).size == (4, 4)
+    deep = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))  # 16-bit grey: scaled, not clipped to white
+    assert deep.mode == "I;16" and decode_image(deep).getpixel((0, 0)) == (155, 155, 155)
     with pytest.raises(TypeError, match="PIL image or encoded bytes"):
         decode_image("path/to/file.jpg")
 
@@ -177,7 +180,7 @@ def test_embed_config_validation():
     with pytest.raises(ValueError, match="batch_size"):
         EmbedConfig(batch_size=0)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             build_embedder(EmbedConfig(device="cuda"))
 
 

@@ -31,6 +31,19 @@ def _png(size=(64, 48), mode="RGB", color=(200, 10, 10)) -> bytes:
     return buf.getvalue()
 
 
+def _tiff_float(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("F", size, 0.5).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def _bad_header_crc(png: bytes) -> bytes:
+    """`png` with one byte of its IHDR chunk's CRC flipped (8-byte signature, then length, type, 13 bytes, CRC)."""
+    data = bytearray(png)
+    data[8 + 4 + 4 + 13] ^= 0xFF
+    return bytes(data)
+
+
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     return [p.read_bytes() for p in photo_paths("imagenette", per_class=1)[:6]]
@@ -51,13 +64,29 @@ def test_probe_accepts_real_photo_and_reports_header(photos):
     (lambda p: b"hello, I am a text file\n" * 20, "not an image"),
     (lambda p: _png((4000, 2000), mode="1"), "decompression bomb: 4000x2000 = 8000000 pixels > limit 4000000"),
     (lambda p: _png((8, 100)), "too small: 8x100"),
-    (lambda p: _png((64, 64), mode="I;16"), "unsupported mode I;16"),
+    (lambda p: _tiff_float((64, 64)), "unsupported mode F"),
+    (lambda p: _bad_header_crc(_png()), "corrupt PNG: SyntaxError: broken PNG file (bad header checksum in b'IHDR')"),
 ])
 def test_probe_rejections_have_specific_reasons(photos, make, reason):
     probe = probe_image(make(photos[0]), LIMITS)
     assert not probe.ok and probe.reject_reason.startswith(reason), probe.reject_reason
     with pytest.raises(ImageRejected, match=re.escape(reason.split(":")[0])):
         decode_rgb(make(photos[0]), LIMITS)
+
+
+def test_sixteen_bit_greyscale_png_is_accepted_and_scaled_to_eight_bits():
+    from pretrain.data.decode import decode_image
+
+    values = np.array([0, 256, 257, 1000, 32768, 65279, 65535] * 3, dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(values, (20, 1))).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    probe = probe_image(buf.getvalue(), LIMITS)
+    assert probe.ok and probe.mode == "I;16"
+    rgb = np.asarray(decode_rgb(buf.getvalue(), LIMITS))
+    np.testing.assert_array_equal(rgb[0, :7, 0], [0, 0, 1, 3, 127, 254, 255])  # v / 257, not clipped at 255
+    assert (rgb == rgb[..., :1]).all()  # grey
+    np.testing.assert_array_equal(rgb, np.asarray(decode_image(buf.getvalue())))  # as pretraining decodes it
 
 
 def test_probe_rejects_unlisted_format():
@@ -225,6 +254,58 @@ def test_source_errors_name_the_problem(tmp_path):
                                                                                            name="same"))]
     with pytest.raises(SourceError, match="two sources are named 'same'"):
         ingest_sources(dup, IngestConfig(), 1)
+
+
+def test_a_source_without_inputs_or_a_binary_file_list_is_an_error_naming_it(tmp_path):
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "empty").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "pool" / "a.png")
+    cases = [(SourceConfig(str(tmp_path / "empty")), f"seed source 'empty': {tmp_path / 'empty'} holds no inputs"),
+             (SourceConfig(str(tmp_path / "pool" / "a.png"), kind="filelist", name="list"),
+              f"source 'list': '{tmp_path / 'pool' / 'a.png'}' is not a file list (not UTF-8 text at byte 0)")]
+    for src, message in cases:
+        with pytest.raises(SourceError, match=re.escape(message)):
+            ingest_sources([("pool", SourceConfig(str(tmp_path / "pool"))), ("seed", src)], IngestConfig(), 1)
+
+
+def test_symlinks_are_followed_and_loops_are_rejected_rows(tmp_path):
+    """Symlinked folders and files are read like real ones; a folder reached twice (a loop, a second link) is one
+    rejected row, so the walk ends and every entry of the tree still has its row."""
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(outside / "deep" / "x.png")
+    Image.new("RGB", (32, 32), (7, 7, 7)).save(outside / "y.png")
+    pool = tmp_path / "pool"
+    (pool / "real").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(pool / "real" / "z.png")
+    os.symlink(outside, pool / "linked")
+    os.symlink(outside, pool / "second_link")
+    os.symlink(outside / "y.png", pool / "file_link.png")
+    os.symlink(pool, pool / "real" / "loop")
+    table = ingest_sources([("pool", SourceConfig(str(pool)))], IngestConfig(), 1)
+    rows = {r["locator"]: r["reject_reason"] for r in table.to_pylist()}
+    assert sorted(rows) == ["file_link.png", "linked/deep/x.png", "linked/y.png", "real/loop", "real/z.png",
+                            "second_link"]
+    assert {k for k, reason in rows.items() if reason is None} == {"file_link.png", "linked/deep/x.png",
+                                                                   "linked/y.png", "real/z.png"}
+    assert rows["second_link"].startswith(f"link to a folder read already ({pool / 'second_link'} -> {outside})")
+    assert rows["real/loop"].startswith("link to a folder read already")
+
+
+def test_a_folder_that_cannot_be_listed_is_a_rejected_row(tmp_path, monkeypatch):
+    (tmp_path / "open").mkdir()
+    (tmp_path / "locked").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "open" / "a.png")
+    scandir = os.scandir
+
+    def refuse_locked(path):  # chmod cannot lock out root, who runs these tests in CI containers
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    rows = {r.locator: r.reject_reason for r in read_source(str(tmp_path), "folder", "p", 1 << 20)}
+    assert rows == {"open/a.png": None, "locked": "unreadable folder: Permission denied"}
 
 
 def test_oversize_file_rejected_without_reading(tmp_path):

@@ -114,3 +114,6 @@ def test_read_manifest_errors(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
     with pytest.raises(ManifestError, match="not a curate manifest"):
         read_manifest(tmp_path / "other.parquet")
+    (tmp_path / "manifest.parquet").write_text("id,status\n1,ok\n")  # a foreign file where the manifest belongs
+    with pytest.raises(ManifestError, match="is not a readable Parquet manifest .*ingest CONFIG --force"):
+        read_manifest(tmp_path / "manifest.parquet")

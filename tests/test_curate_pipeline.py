@@ -260,11 +260,49 @@ def test_shard_step_resumes_partial_output(reference, tmp_path):
     half = shards[2].with_name(f".{shards[2].name}.99999.tmp")  # a killed writer's temporary file
     half.write_bytes(shards[2].read_bytes()[:5000])
     shards[2].unlink()
+    part_tmp = run.shards / "_parts" / ".000003.json.99999.tmp"  # killed while recording a finished shard
+    part_tmp.write_text("{")
     untouched = {p.name: p.stat().st_mtime_ns for p in shards[3:]}
     result = run_step("shard", cfg)
     assert result.status == "done" and result.summary["written_now"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in shards[3:]} == untouched
     _same_outputs(reference["run"], run)
+    assert not half.exists() and not part_tmp.exists()
+    assert not list(run.shards.rglob("*.tmp"))
+
+
+def test_shard_call_removes_only_the_temporaries_of_its_partitions(reference, tmp_path):
+    """An array task cleans what killed writers left for its own partitions; other partitions' temporaries may be
+    live writers of other tasks."""
+    shutil.copytree(reference["run"].root, tmp_path / "runs" / "e2e")
+    cfg = load_curate_config(reference["cfg_path"], [f"runs_root={tmp_path / 'runs'}"])
+    run = RunDir(cfg.run_dir)
+    run.marker("shard").unlink()
+    first_shard_of: dict[int, str] = {}
+    for info in read_index(run.shards):
+        first_shard_of.setdefault(info.partition, info.file)
+    assert 0 in first_shard_of and len(first_shard_of) > 1
+    temps = {p: run.shards / f".{name}.99999.tmp" for p, name in first_shard_of.items()}
+    for path in temps.values():
+        path.write_bytes(b"partial")
+    run_step("shard", cfg, partitions=[0])
+    assert sorted(p for p, path in temps.items() if path.exists()) == sorted(set(first_shard_of) - {0})
+
+
+def test_rerunning_a_step_clears_the_statuses_of_the_steps_after_it(reference, tmp_path):
+    """dedup at a new threshold: no row may keep `not_selected` (or a cluster) from the retrieve and cluster runs
+    that read the old dedup; the manifest shows only the steps that are current, until they run again."""
+    shutil.copytree(reference["run"].root, tmp_path / "runs" / "e2e")
+    cfg = load_curate_config(reference["cfg_path"], [f"runs_root={tmp_path / 'runs'}", "dedup.threshold=0.9"])
+    before = read_manifest(RunDir(cfg.run_dir).manifest)
+    assert {"selected", "not_selected"} <= set(before.column("status").to_pylist())
+    assert run_step("dedup", cfg).status == "done"
+    table = read_manifest(RunDir(cfg.run_dir).manifest)
+    assert set(table.column("status").to_pylist()) == {"ok", "rejected", "duplicate", "contaminated"}
+    assert not {"selected", "selected_by", "retrieval_score", "cluster_l1"} & set(table.column_names)
+    check_accounting(table)
+    assert [r.status for r in run_all(cfg)] == ["skipped"] * 3 + ["done"] * 4
+    assert "not_selected" in read_manifest(RunDir(cfg.run_dir).manifest).column("status").to_pylist()
 
 
 def test_partitioned_calls_match_one_process(inputs, reference):

@@ -26,7 +26,7 @@ from test_data_fixtures import (
 )
 from torch.utils.data import DataLoader
 
-from pretrain.data.datasets import build_dataset, detect_kind, split_kind_prefix
+from pretrain.data.datasets import DatasetError, build_dataset, detect_kind, split_kind_prefix
 from pretrain.data.tar_shards import scan_shard, split_key, unsafe_member_reason
 
 
@@ -235,7 +235,7 @@ def test_kind_detection_and_clear_errors(tmp_path: Path, shard_dir: Path, folder
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty dataset directory"):
+    with pytest.raises(DatasetError, match="empty dataset directory"):
         build_dataset(tmp_path / "empty")
     mixed = tmp_path / "mixed"
     (mixed / "cls").mkdir(parents=True)
@@ -244,7 +244,7 @@ def test_kind_detection_and_clear_errors(tmp_path: Path, shard_dir: Path, folder
         build_dataset(mixed)
     assert len(build_dataset(f"wds:{mixed}")) == 1
     (tmp_path / "data.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="cannot tell the dataset kind"):
+    with pytest.raises(DatasetError, match="not a dataset file: expected a .tar shard, a .txt/.csv file list"):
         build_dataset(tmp_path / "data.bin")
     (tmp_path / "garbage.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="not a readable tar archive"):
@@ -264,3 +264,30 @@ def test_decode_error_count_with_spawned_workers(tmp_path: Path) -> None:
     loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn")
     assert len(list(loader)) == 4
     assert dataset.decode_errors == 4
+
+
+def test_dataset_layout_errors_say_what_was_found_and_expected(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (flat / name).write_bytes(jpeg_bytes())
+    with pytest.raises(DatasetError, match=f"{flat}: holds 2 image file\\(s\\) but no class subfolders; expected an "
+                                           f"ImageFolder layout {flat}/<class>/<image>.*'filelist:' prefix"):
+        build_dataset(flat)
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="no image files .* in its 1 class folder\\(s\\) \\(cat\\); expected"):
+        build_dataset(tmp_path / "classes")
+    binary = tmp_path / "photos.txt"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DatasetError, match="photos.txt: not a file list \\(not UTF-8 text"):
+        build_dataset(binary)
+
+
+def test_file_list_of_missing_files_names_the_first_one(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world\nmore text\n")
+    dataset = build_dataset(notes)
+    with pytest.raises(DatasetError, match=f"2 consecutive samples from index 0 are unreadable, the first: "
+                                           f"{tmp_path / 'hello world'} \\(cannot read file: .*No such file"):
+        dataset[0]

@@ -16,6 +16,7 @@ from evaluation.evaluate import align_labels
 from evaluation.feature_set import FeatureSet
 from evaluation.process_group import LaunchPlace, init_from_env, launch_place
 from pretrain.config import load_config
+from pretrain.data.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_112 = ["model.arch=vit_tiny", "model.patch_size=16", "model.img_size=112", "transform.resize_size=128",
@@ -122,9 +123,34 @@ def test_config_mistakes_are_reported_with_the_key(imagenette, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["knn", "--weights", "random", "--train", str(imagenette["train_small"])])
     assert exit_info.value.code == 2 and "--val not given" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
-        main(["knn", "--weights", str(tmp_path / "missing.pth"), "--train", str(imagenette["train_small"]),
-              "--val", str(imagenette["val_small"]), "--out", str(tmp_path / "o")])
+
+
+def test_paths_holding_the_wrong_thing_are_one_line_errors(imagenette, tmp_path, capsys):
+    """Weights, datasets and output paths that exist but cannot serve: `error: ...`, exit 1, no traceback."""
+    from pretrain.config import save_config
+    from pretrain.train import TrainConfig
+
+    killed = tmp_path / "killed_run"  # a pretraining run stopped before its end: checkpoints, no export yet
+    save_config(load_config(TrainConfig, REPO / "configs/pretrain/cpu_tiny.yaml", ["data.dataset=x"]), killed)
+    (killed / "checkpoints").mkdir()
+    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "empty").mkdir()
+    data = ["--train", str(imagenette["train_small"]), "--val", str(imagenette["val_small"]), *TINY_64,
+            "features.cache_dir="]
+    cases = [
+        (["--weights", str(tmp_path / "missing.pth")], f"weights file not found: {tmp_path / 'missing.pth'}"),
+        (["--weights", str(killed)], f"pretrain run {killed} has no export yet (no export/teacher_backbone.safetensors;"
+                                     f" the run stopped before its end?): run `python -m pretrain export {killed}`"),
+        (["--weights", str(tmp_path / "empty")], f"{tmp_path / 'empty'}: no teacher_backbone.safetensors in it"),
+        (["--weights", str(tmp_path / "notes.txt")], f"{tmp_path / 'notes.txt'}: unknown weights format '.txt'"),
+        (["--weights", "random", "--train", str(tmp_path / "empty")], f"--train: {tmp_path / 'empty'}: empty dataset"),
+        (["--weights", "random", "--val", str(tmp_path / "empty" / "x.bin")], "--val: dataset path does not exist"),
+        (["--weights", "random", "--out", str(tmp_path / "notes.txt" / "out")], "Not a directory"),
+    ]
+    for flags, message in cases:
+        assert main(["knn", *data, "--out", str(tmp_path / "out"), *flags]) == 1, flags
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
 
 def test_shipped_configs_load_strictly():
@@ -146,7 +172,8 @@ def test_val_labels_follow_class_names_when_val_lacks_a_class():
                      patch_mean=torch.zeros(2, 2))
     _, aligned, num_classes = align_labels(_Named(["a", "b", "c"]), _Named(["a", "c"]), train, val)
     assert aligned.labels.tolist() == [0, 2] and num_classes == 3
-    with pytest.raises(ValueError, match="val classes absent from the train split: \\['z'\\]"):
+    with pytest.raises(DatasetError, match="val classes absent from the train split: \\['z'\\] \\(1 in all; "
+                                           "train-only classes: \\['b'\\]\\)"):
         align_labels(_Named(["a", "b"]), _Named(["a", "z"]), train, val)
 
 

@@ -336,6 +336,21 @@ def test_bad_paths(tmp_path, name, error, pattern):
         load_pretrained(small_vit(), path)
 
 
+@pytest.mark.parametrize("name,content,pattern", [
+    ("notes.pth", b"hello, not a checkpoint\n", "notes.pth is not a torch checkpoint; expected a file written by "
+                                                "torch.save"),
+    ("empty.pt", b"", "empty.pt is not a torch checkpoint"),
+    ("garbage.safetensors", b"garbage garbage garbage", "garbage.safetensors is not a safetensors file .*expected "
+                                                        "weights saved with safetensors"),
+])
+def test_files_that_are_not_weights_name_what_was_expected(tmp_path, name, content, pattern):
+    """torch.load raises KeyError on a text file and safetensors its own SafetensorError: neither names the file."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=pattern):
+        load_pretrained(small_vit(), path)
+
+
 def test_container_without_a_state_dict_names_its_keys():
     with pytest.raises(CheckpointError, match=r"top-level keys \['epoch', 'weights'\].*checkpoint_key="):
         load_pretrained(small_vit(), {"weights": {"a": {"b": torch.zeros(1)}}, "epoch": 3})

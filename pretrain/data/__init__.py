@@ -3,6 +3,7 @@
 from pretrain.data.collate import GlobalBatchCollator, collate_multicrop
 from pretrain.data.datasets import ImageDataset, build_dataset
 from pretrain.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from pretrain.data.errors import DatasetError
 from pretrain.data.loader import DataConfig, build_pretrain_loader, build_pretrain_loader_from_config
 from pretrain.data.masking import MaskingGenerator
 from pretrain.data.multicrop import MultiCropAugmentation, MultiCropConfig, blur_probabilities
@@ -13,6 +14,7 @@ from pretrain.data.streaming import webdataset_stream
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DataConfig",
+    "DatasetError",
     "GlobalBatchCollator",
     "ImageDataset",
     "ImageDecodeError",

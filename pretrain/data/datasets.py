@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from webdataset.shardlists import expand_urls
 
 from pretrain.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
-from pretrain.data.file_sources import FileListSource, ImageFolderSource
+from pretrain.data.errors import DatasetError
+from pretrain.data.file_sources import IMAGE_SUFFIXES, FileListSource, ImageFolderSource
 from pretrain.data.tar_shards import TarShardSource
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class ImageDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
         index %= n
+        first_failure = ""
         for skipped in range(min(n, MAX_CONSECUTIVE_ERRORS)):
             current = (index + skipped) % n
             try:
@@ -101,11 +103,12 @@ class ImageDataset(Dataset):
                 reason = err.reason if isinstance(err, ImageDecodeError) else f"cannot read file: {err}"
                 self._errors.add()
                 logger.warning("skipping unreadable sample %d (%s): %s", current, self.source.name(current), reason)
+                first_failure = first_failure or f"{self.source.name(current)} ({reason})"
                 continue
             return image, label, skipped
-        raise RuntimeError(
+        raise DatasetError(
             f"{self.source.root}: {min(n, MAX_CONSECUTIVE_ERRORS)} consecutive samples from index {index} are "
-            "unreadable; check the dataset path and the logged reasons"
+            f"unreadable, the first: {first_failure}; check the dataset path and the logged reasons"
         )
 
     def describe(self) -> str:
@@ -149,7 +152,7 @@ def split_kind_prefix(spec: str) -> tuple[str | None, str]:
 
 
 def detect_kind(path: str) -> str:
-    """"imagefolder", "filelist" or "wds" for a dataset path, or a ValueError saying what was expected."""
+    """"imagefolder", "filelist" or "wds" for a dataset path, or a `DatasetError` saying what was expected."""
     if "{" in path and ".." in path:
         return "wds"
     p = Path(path)
@@ -160,9 +163,9 @@ def detect_kind(path: str) -> str:
             return "filelist"
         if p.name == "index.json":
             return "wds"
-        raise ValueError(
-            f"{path}: cannot tell the dataset kind from the file name; expected a .tar shard or a .txt/.csv file "
-            "list (or force it with a 'filelist:' or 'wds:' prefix)"
+        raise DatasetError(
+            f"{path}: not a dataset file: expected a .tar shard, a .txt/.csv file list or a shards/index.json (or "
+            "force the kind with a 'filelist:' or 'wds:' prefix)"
         )
     if not p.is_dir():
         raise FileNotFoundError(f"dataset path does not exist: {path}")
@@ -171,7 +174,7 @@ def detect_kind(path: str) -> str:
     has_tars = any(p.glob("*.tar"))
     has_dirs = any(e.is_dir() and not e.name.startswith(".") for e in p.iterdir())
     if has_tars and has_dirs:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: holds both .tar files and subfolders; say which one you mean with a 'wds:' or 'imagefolder:' "
             "prefix"
         )
@@ -179,7 +182,15 @@ def detect_kind(path: str) -> str:
         return "wds"
     if has_dirs:
         return "imagefolder"
-    raise ValueError(f"{path}: empty dataset directory (no class subfolders, no .tar shards)")
+    images = sum(1 for e in p.iterdir() if e.suffix.lower() in IMAGE_SUFFIXES)
+    if images:
+        # The common mistake: pointing at a flat folder of photos, which has no labels to number.
+        raise DatasetError(
+            f"{path}: holds {images} image file(s) but no class subfolders; expected an ImageFolder layout "
+            f"{path}/<class>/<image> (move the images into a class folder), or list them in a .txt file and use "
+            "it with a 'filelist:' prefix"
+        )
+    raise DatasetError(f"{path}: empty dataset directory (no class subfolders, no .tar shards, no images)")
 
 
 def shard_paths(path: str) -> list[str]:
@@ -214,12 +225,12 @@ def shards_from_index(index: Path) -> list[str]:
     try:
         data = json.loads(index.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{index}: unreadable shard index ({err})") from None
+        raise DatasetError(f"{index}: unreadable shard index ({err})") from None
     entries = data.get("shards") if isinstance(data, dict) else data
     if not isinstance(entries, list):
         paths = sorted(str(s) for s in index.parent.glob("*.tar"))
         if not paths:
-            raise ValueError(f"{index}: no 'shards' list and no .tar files beside it")
+            raise DatasetError(f"{index}: no 'shards' list and no .tar files beside it")
         return paths
     paths = []
     for i, entry in enumerate(entries):
@@ -227,7 +238,7 @@ def shards_from_index(index: Path) -> list[str]:
             (entry[k] for k in ("path", "name", "file", "url") if isinstance(entry, dict) and k in entry), None
         )
         if not isinstance(name, str):
-            raise ValueError(f"{index}: shard entry {i} has no path/name/file/url string: {entry!r}")
+            raise DatasetError(f"{index}: shard entry {i} has no path/name/file/url string: {entry!r}")
         # Names are relative to the index's folder, or to the run directory above it ("shards/curated-0.tar").
         candidates = [Path(name)] if Path(name).is_absolute() else [index.parent / name, index.parent.parent / name]
         shard = next((c for c in candidates if c.is_file()), None)
@@ -235,5 +246,5 @@ def shards_from_index(index: Path) -> list[str]:
             raise FileNotFoundError(f"{index}: listed shard {name!r} does not exist at {candidates[0]}")
         paths.append(str(shard))
     if not paths:
-        raise ValueError(f"{index}: the shard index lists no shards")
+        raise DatasetError(f"{index}: the shard index lists no shards")
     return paths

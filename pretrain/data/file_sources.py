@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from pretrain.data.errors import DatasetError
+
 logger = logging.getLogger(__name__)
 
 _PATH_AND_LABEL = re.compile(r"^(.*\S)\s+(-?\d+)$")
@@ -57,7 +59,8 @@ class ImageFolderSource(LocalFileSource):
         self.rejected: list[tuple[str, str]] = []
         self.classes = sorted(e.name for e in os.scandir(top) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
-            raise ValueError(f"{root}: no class subfolders; an ImageFolder root holds one folder per class")
+            raise DatasetError(f"{root}: no class subfolders; an ImageFolder root holds one folder per class "
+                               f"({root}/<class>/<image>)")
         for entry in sorted(os.scandir(top), key=lambda e: e.name):
             if not entry.is_dir():
                 self.rejected.append((entry.path, "file outside any class folder"))
@@ -79,7 +82,10 @@ class ImageFolderSource(LocalFileSource):
             if len(self.paths) == n_before:
                 logger.warning("ImageFolder %s: class folder %r holds no image files", root, name)
         if not self.paths:
-            raise ValueError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
+            raise DatasetError(
+                f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its {len(self.classes)} class "
+                f"folder(s) ({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''}); expected "
+                f"{root}/<class>/<image>")
         _log_rejections(self.root, self.rejected)
 
     def describe(self) -> str:
@@ -105,17 +111,21 @@ class FileListSource(LocalFileSource):
         if not path.is_file():
             raise FileNotFoundError(f"file list not found: {list_path}")
         self.rejected: list[tuple[str, str]] = []
-        rows = _read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_text_rows(path)
+        try:
+            rows = _read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_text_rows(path)
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"{list_path}: not a file list (not UTF-8 text: {err.reason} at byte {err.start}); "
+                               "expected one 'path [label]' per line") from None
         base = path.parent
         self.paths: list[str] = []
         self.labels: list[int] = []
         for line_no, file, label in rows:
             if not file:
-                raise ValueError(f"{list_path}:{line_no}: empty path")
+                raise DatasetError(f"{list_path}:{line_no}: empty path")
             self.paths.append(str(base / file))  # an absolute `file` stays absolute
             self.labels.append(label)
         if not self.paths:
-            raise ValueError(f"{list_path}: the file list names no images")
+            raise DatasetError(f"{list_path}: the file list names no images")
 
     def describe(self) -> str:
         labelled = sum(label >= 0 for label in self.labels)
@@ -126,9 +136,9 @@ def _parse_label(text: str, where: str) -> int:
     try:
         label = int(text)
     except ValueError:
-        raise ValueError(f"{where}: label {text!r} is not an integer class index") from None
+        raise DatasetError(f"{where}: label {text!r} is not an integer class index") from None
     if label < -1:
-        raise ValueError(f"{where}: label {label} is negative (use -1 or leave it out for 'unknown')")
+        raise DatasetError(f"{where}: label {label} is negative (use -1 or leave it out for 'unknown')")
     return label
 
 
@@ -157,7 +167,7 @@ def _read_csv_rows(path: Path) -> list[tuple[int, str, int]]:
             if line_no == 1 and row[0].strip().lower() in ("path", "file", "filename", "image"):
                 continue  # header row
             if len(row) > 2:
-                raise ValueError(f"{path}:{line_no}: expected 'path' or 'path,label', got {len(row)} columns")
+                raise DatasetError(f"{path}:{line_no}: expected 'path' or 'path,label', got {len(row)} columns")
             label = _parse_label(row[1].strip(), f"{path}:{line_no}") if len(row) == 2 and row[1].strip() else -1
             rows.append((line_no, row[0].strip(), label))
     return rows

@@ -121,6 +121,9 @@ def build_pretrain_loader(
         return loader, None
 
     images = build_dataset(dataset_spec, transform=None, with_labels=True, max_pixels=max_pixels)
+    # Read one sample here, before any worker starts: a dataset with nothing readable (a text file given as a file
+    # list, a folder of non-images) then fails with its DatasetError in this process instead of inside a worker.
+    images.load(0)
     dataset = MultiCropDataset(images, augmentation, seed=seed)
     sampler = StepSampler(len(dataset), batch_size_per_rank * world, rank, world, seed=seed, start_step=start_step)
     collate = GlobalBatchCollator(

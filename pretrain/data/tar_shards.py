@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pretrain.data.decode import ImageDecodeError
+from pretrain.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class TarShardSource:
 
     def __init__(self, shard_paths: Sequence[str | Path], root: str | None = None) -> None:
         if not shard_paths:
-            raise ValueError(f"no tar shards given{f' under {root}' if root else ''}")
+            raise DatasetError(f"no tar shards given{f' under {root}' if root else ''}")
         self.root = root or str(shard_paths[0])
         self.shards: list[str] = []
         self.keys: list[str] = []
@@ -166,7 +167,7 @@ class TarShardSource:
             try:
                 scan = scan_shard(path)
             except (OSError, tarfile.TarError) as err:
-                raise ValueError(f"{path}: not a readable tar archive ({err}); remove it from the dataset") from None
+                raise DatasetError(f"{path}: not a readable tar archive ({err}); remove it from the dataset") from None
             shard_id = len(self.shards)
             self.shards.append(path)
             self.keys += scan.keys

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +72,23 @@ def read_checkpoint(path: str | os.PathLike) -> object:
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise CheckpointError(f"{path} is not a safetensors file ({err}); expected weights saved with "
+                                  "safetensors (save_file)") from None
     if path.suffix not in _PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; "
                               f"use .safetensors or a torch file ({', '.join(_PICKLE_SUFFIXES)})")
+    # torch.save writes a zip archive (before torch 1.6, a pickle starting with byte 0x80); anything else, such as
+    # a text file, would make torch.load fail with a misleading unpickling error or a bare KeyError.
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if not zipfile.is_zipfile(path) and head != b"\x80":
+        raise _not_a_torch_checkpoint(path, "")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -85,6 +97,16 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             f"code from the file, which we never do. Re-save only its state dict (torch.save(model.state_dict())) or "
             f"convert it to safetensors in an environment you trust. ({str(err).splitlines()[0]})"
         ) from err
+    except (RuntimeError, KeyError, EOFError) as err:
+        # torch.load's errors for a file that is no torch archive at all (text, truncated download): KeyError or
+        # RuntimeError from the zip reader, EOFError for an empty file.
+        detail = f" ({str(err).splitlines()[0]})" if isinstance(err, RuntimeError) else ""  # KeyError: 101 says nothing
+        raise _not_a_torch_checkpoint(path, detail) from None
+
+
+def _not_a_torch_checkpoint(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a torch checkpoint{detail}; expected a file written by torch.save "
+                           "(.pth/.pt/.bin) or a .safetensors file")
 
 
 def _strip_wrappers(key: str) -> str:
