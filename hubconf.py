@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pretrain.models.vision_transformer import DinoVisionTransformer, build_vit
-from pretrain.models.weights import load_pretrained
+from dinoforge.models.vision_transformer import DinoVisionTransformer, build_vit
+from dinoforge.models.weights import load_pretrained
 
 dependencies = ["torch"]
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from curate.rundir import STEPS, StepOrderError
 
@@ -52,13 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from curate.errors import CurateError
     from curate.partition import parse_partition_list
     from curate.steps import PARTITIONED_STEPS, run_all, run_step
-    from pretrain.config import ConfigError
-    from pretrain.models import CheckpointError
+    from dinoforge.config import ConfigError
+    from dinoforge.models import CheckpointError
+    from dinoforge.run_logging import setup_logging
 
     try:
         cfg = load_curate_config(args.config, args.overrides)
-        _setup_logging(cfg.log_level, cfg.run_dir / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-"
-                       f"{os.getpid()}.log")
+        # a log file per invocation: the array tasks of one step each get their own
+        setup_logging(cfg.run_dir / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log",
+                      level=cfg.log_level)
         if args.command == "run":
             if args.partitions is not None:
                 print("--partitions applies to a single step (embed, dedup or shard), not to `run`", file=sys.stderr)
@@ -93,26 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         print(f"{r.step:9s} {r.status:8s} {r.summary}")
     return 0
-
-
-def _setup_logging(level: str, log_file: Path) -> None:
-    """INFO to the console and to a per-invocation file in the run directory (array tasks each get their own).
-
-    Without a writable run directory, the console only: a finished run must still rerun (as a no-op) from a
-    read-only copy, and a step that does have to write fails with its own message."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    problem = None
-    try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    except OSError as err:
-        problem = f"cannot write the log file {log_file} ({err.strerror or err}); logging to the console only"
-    for h in handlers:
-        h.setFormatter(fmt)
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True)
-    if problem:
-        logging.getLogger(__name__).warning(problem)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`CurateConfig`: the whole curation run in one dataclass, gathering the config of every step.
 
-YAML files under `configs/curate/` choose values; `pretrain.config.load_config` merges them strictly, then
+YAML files under `configs/curate/` choose values; `dinoforge.config.load_config` merges them strictly, then
 `key=value` overrides (e.g. `dedup.threshold=0.5 partitions=64`). Relative paths are relative to the working
 directory.
 """
@@ -17,7 +17,7 @@ from curate.ingest import IngestConfig, SourceConfig
 from curate.report import ReportConfig
 from curate.retrieve import RetrieveConfig
 from curate.shards import ShardConfig
-from pretrain.config import ConfigError, load_config
+from dinoforge.config import ConfigError, load_config
 
 SELECT_METHODS = ("auto", "retrieve", "balanced", "all")
 

@@ -152,7 +152,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     if img.mode in SIXTEEN_BIT_MODES:
-        # PIL's own conversion clips every value above 255 to white; 65535 / 257 = 255 (as pretrain.data.decode).
+        # PIL's own conversion clips every value above 255 to white; 65535 / 257 = 255 (as dinoforge.data.decode).
         img = img.point(lambda v: v * (255 / 65535)).convert("L")
     return img.convert("RGB")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.atomic import atomic_write
 from curate.dedup import near_duplicates_from_edges, spread_contamination
 from curate.knn_graph import FlatIPIndex, knn_search, range_pairs, unique_edges
+from dinoforge.atomic import atomic_write
 
 
 @dataclass

@@ -32,7 +32,9 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from curate.decode import to_rgb
-from pretrain.config import ConfigError
+from dinoforge.config import ConfigError
+from dinoforge.launch import resolve_device
+from dinoforge.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class EmbedConfig:
     """Which embedding the curation run computes (one folder per embedder under embeddings/)."""
 
     kind: str = "copydetect"  # dinov2 | open_clip | random_vit | copydetect
-    arch: str = "vit_small"  # dinov2 / random_vit: a pretrain.models factory name
+    arch: str = "vit_small"  # dinov2 / random_vit: a dinoforge.models factory name
     patch_size: int = 14
     num_register_tokens: int = 0
     ffn_layer: str = "mlp"  # "swiglufused" for the official ViT-g
@@ -100,10 +102,7 @@ class Embedder:
         """float16 [B, dim], L2-normalised, for a batch of transformed images."""
         with torch.inference_mode():
             batch = batch.to(self.device, non_blocking=True)
-            if self.device.type == "cuda" and self.autocast:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = self._forward(batch)
-            else:
+            with autocast(self.device, "bf16" if self.device.type == "cuda" and self.autocast else "fp32"):
                 out = self._forward(batch)
             out = F.normalize(out.float(), dim=-1)
         if out.shape[-1] != self.dim:
@@ -112,16 +111,6 @@ class Embedder:
 
     def __repr__(self) -> str:
         return f"Embedder(name={self.name!r}, dim={self.dim}, device={self.device})"
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; an explicit cuda device without CUDA is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"embed.device={device!r} but CUDA is not available; use 'auto' or 'cpu'")
-    return dev
 
 
 def vit_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -133,13 +122,13 @@ def vit_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> Embedder:
-    from pretrain.models import build_vit, load_pretrained
+    from dinoforge.models import build_vit, load_pretrained
 
     if pretrained and not cfg.weights:
         raise ConfigError("embed.kind=dinov2 needs embed.weights: a pretrain run directory, or a checkpoint, "
                           "release or official DINOv2 file")
     if pretrained and Path(cfg.weights).is_dir():
-        from pretrain.export import load_exported_backbone
+        from dinoforge.models.export_reader import load_exported_backbone
 
         # our own pretrain run: its model config sets the architecture, the embed.arch fields are not used
         model = load_exported_backbone(cfg.weights).to(device)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_write
 from curate.errors import CurateError
+from dinoforge.atomic import atomic_write
 
 ROLES = ("pool", "seed", "eval")
 STATUSES = ("ok", "rejected", "duplicate", "contaminated", "selected", "not_selected")

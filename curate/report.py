@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.atomic import atomic_write_text
 from curate.decode import DecodeLimits
 from curate.manifest import STATUSES, cluster_columns, read_manifest
 from curate.report_html import Tile, grid, group, histogram_svg, page, section, table
 from curate.rundir import STEPS, RunDir
 from curate.shards import INDEX_NAME
 from curate.sources import SampleReader
+from dinoforge.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

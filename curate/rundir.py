@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curate.atomic import atomic_write_json
 from curate.errors import CurateError
+from dinoforge.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from curate.atomic import atomic_write_json
 from curate.decode import EXTENSION_OF_FORMAT
 from curate.manifest import CLUSTER_PREFIX
-from curate.shards import ShardInfo, file_sha256, plan_shards, shard_name
+from curate.shards import ShardInfo, plan_shards, shard_name
+from dinoforge.atomic import atomic_write_json
+from dinoforge.hashing import file_sha256
 
 PARTS_DIR = "_parts"  # shards/_parts/NNNNNN.json: the index entry of each finished shard
 METADATA_KEYS = ("uid", "source", "locator", "sha256", "format", "width", "height", "partition", "selected_by",

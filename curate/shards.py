@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from curate.atomic import atomic_write_json, temporary_sibling
+from dinoforge.atomic import atomic_write_json, temporary_sibling
+from dinoforge.hashing import file_sha256
 
 INDEX_NAME = "index.json"
 
@@ -133,14 +134,6 @@ def plan_shards(sizes: Sequence[int], max_count: int, max_bytes: int) -> list[tu
 
 def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_index(shards_dir: str | Path, infos: Sequence[ShardInfo], extra: dict | None = None) -> Path:

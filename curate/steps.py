@@ -28,7 +28,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from curate.atomic import atomic_write, atomic_write_json
 from curate.config import CurateConfig
 from curate.errors import CurateError
 from curate.ingest import ingest_sources, source_name
@@ -52,7 +51,8 @@ from curate.shard_plan import PARTS_DIR, finished_shard, image_extension, plan_a
 from curate.shards import ShardWriter, shard_name, write_index
 from curate.sources import SampleReader
 from curate.store import EmbeddingStore
-from pretrain.config import save_config, to_yaml
+from dinoforge.atomic import atomic_write, atomic_write_json
+from dinoforge.config import save_config, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +541,7 @@ def shard(cfg: CurateConfig, partitions: Sequence[int] | None = None, force: boo
 
 def _remove_stale_temporaries(folder: Path, shard_file: str, numbers: set[int]) -> None:
     """Remove what killed writers left of the files of shards `numbers`: their temporary siblings, named
-    `.<file>.<pid>.tmp` (curate.atomic), where `shard_file` matches <file> and captures the shard number.
+    `.<file>.<pid>.tmp` (dinoforge.atomic), where `shard_file` matches <file> and captures the shard number.
 
     A process id tells nothing across the nodes of an array job, so ownership decides, not liveness: this call
     writes every shard of its partitions that is not finished, so another process's temporary of one of them is

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.atomic import atomic_write, atomic_write_json, atomic_write_text
 from curate.errors import CurateError
+from dinoforge.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 INDEX_NAME = "index.json"
 NORM_TOLERANCE = 2e-2  # float16 rounding of a unit vector moves its norm by ~1e-3; 2e-2 catches unnormalised output

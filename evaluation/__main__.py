@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from collections.abc import Sequence
 
-import torch.distributed as dist
-
+from dinoforge.config import ConfigError, load_config
+from dinoforge.data.datasets import DatasetError, detect_kind, split_kind_prefix
+from dinoforge.launch import destroy_distributed, init_distributed, is_distributed
+from dinoforge.models import CheckpointError
+from dinoforge.run_logging import setup_logging
 from evaluation.config import TASK_SCHEMAS
 from evaluation.evaluate import run_evaluation
-from evaluation.process_group import init_from_env
 from evaluation.results import render_markdown
-from evaluation.sharding import current_rank
-from pretrain.config import ConfigError, load_config
-from pretrain.data.datasets import DatasetError, detect_kind, split_kind_prefix
-from pretrain.models import CheckpointError
 
 # Bad paths, configs and weights files: reported on one line. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, OSError)
@@ -49,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
-    created_group = init_from_env()
-    logging.basicConfig(level=logging.INFO if current_rank() == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    created_group = not is_distributed()
+    env = init_distributed()
+    created_group = created_group and is_distributed()
+    setup_logging(rank=env.rank)
     try:
         try:
             cfg = load_config(TASK_SCHEMAS[args.task], args.config, args.overrides)
@@ -78,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         if created_group:
-            dist.destroy_process_group()
+            destroy_distributed()
 
 
 def _check_dataset(key: str, spec: str) -> None:

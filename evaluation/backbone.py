@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dinoforge.config import ConfigError
+from dinoforge.hashing import file_sha256
 from evaluation.config import BackboneConfig
-from pretrain.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,10 @@ RANDOM_WEIGHTS = "random"
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """A ViT of `cfg.arch` with `cfg.weights` loaded strictly (or a seeded random init), in eval mode."""
-    from pretrain.models import build_vit
+    from dinoforge.models import build_vit
 
     if _is_run_directory(cfg.weights):
-        from pretrain.export import load_exported_backbone
+        from dinoforge.models.export_reader import load_exported_backbone
 
         logger.info("built the teacher backbone of pretrain run %s", cfg.weights)
         return load_exported_backbone(cfg.weights)
@@ -45,7 +46,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         logger.info("built %s with random weights (seed %d)", cfg.arch, cfg.seed)
     else:
         path = _weights_path(cfg.weights)
-        from pretrain.models import load_pretrained
+        from dinoforge.models import load_pretrained
 
         model = build_vit(cfg.arch, **kwargs)
         # A training checkpoint also holds DINO/iBOT heads; evaluation reads the backbone alone.
@@ -57,21 +58,13 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
 def weights_fingerprint(cfg: BackboneConfig) -> str:
     """Identifies the backbone's parameters: sha256 of the weights file, or the random-init recipe."""
     if _is_run_directory(cfg.weights):
-        from pretrain.export import BACKBONE_FILE, find_export
+        from dinoforge.models.export_reader import BACKBONE_FILE, find_export
 
         return "sha256:" + file_sha256(find_export(cfg.weights) / BACKBONE_FILE)
     if cfg.weights == RANDOM_WEIGHTS:
         recipe = {k: v for k, v in asdict(cfg).items() if k != "weights"}
         return "random:" + hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:16]
     return "sha256:" + file_sha256(_weights_path(cfg.weights))
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_run_directory(weights: str) -> bool:

@@ -1,4 +1,4 @@
-"""Config schemas of `python -m evaluation knn|linear|logreg` (loaded with `pretrain.config.load_config`).
+"""Config schemas of `python -m evaluation knn|linear|logreg` (loaded with `dinoforge.config.load_config`).
 
 Defaults follow the DINOv2 evaluation protocol (resize 256 / crop 224 bicubic, k in 10/20/100/200 with T=0.07,
 the linear-probe learning-rate grid, C in 10^linspace(-6, 5, 45)); YAML files in `configs/eval/` only choose values.

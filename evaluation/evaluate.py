@@ -15,6 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dinoforge.collectives import current_rank, current_world_size
+from dinoforge.config import save_config
+from dinoforge.data.datasets import build_dataset
+from dinoforge.data.errors import DatasetError
+from dinoforge.launch import resolve_device
 from evaluation.backbone import RANDOM_WEIGHTS, build_backbone, weights_fingerprint
 from evaluation.config import TASK_SCHEMAS, EvalRunConfig, KnnEvalConfig, LinearEvalConfig, LogregEvalConfig
 from evaluation.feature_cache import cache_path, cached_features, dataset_fingerprint
@@ -23,13 +28,8 @@ from evaluation.features import extract_features
 from evaluation.knn import knn_evaluate_report
 from evaluation.linear import linear_probe
 from evaluation.logreg import logistic_regression
-from evaluation.process_group import resolve_device
 from evaluation.results import EvalResult, write_results
-from evaluation.sharding import current_rank, current_world_size
 from evaluation.transform import make_eval_transform
-from pretrain.config import save_config
-from pretrain.data.datasets import build_dataset
-from pretrain.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

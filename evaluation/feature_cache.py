@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from dinoforge.atomic import atomic_path
+from dinoforge.collectives import current_rank, current_world_size
+from dinoforge.data.datasets import split_kind_prefix
 from evaluation.feature_set import FeatureSet
-from evaluation.sharding import current_rank, current_world_size
-from pretrain.data.datasets import split_kind_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +80,12 @@ def cached_features(cache_file: Path | None, key: dict[str, Any], extract: Calla
 
 
 def save_features(path: Path, features: FeatureSet, key: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {"labels": features.labels.contiguous(), "block_cls": features.block_cls.contiguous(),
                "patch_mean": features.patch_mean.contiguous()}
     metadata = {"key": json.dumps(key, sort_keys=True), "decode_errors": str(features.decode_errors),
                 "format": str(CACHE_FORMAT)}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_features(path: Path) -> FeatureSet:

@@ -7,7 +7,6 @@ Runs under `torch.inference_mode`, with autocast on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -16,18 +15,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from evaluation.feature_set import FeatureSet
-from evaluation.sharding import (
+from dinoforge.collectives import (
     current_rank,
     current_world_size,
     gather_in_dataset_order,
     rank_indices,
     sum_over_ranks,
 )
+from dinoforge.precision import autocast
+from evaluation.feature_set import FeatureSet
 
 logger = logging.getLogger(__name__)
 
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+# the evaluation config names torch dtypes; CPU features stay fp32 (the reference numbers are fp32 on CPU)
+PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def extract_features(
@@ -48,8 +49,8 @@ def extract_features(
     `get_intermediate_layers`), already on `device`; its train/eval mode is left to the caller.
     """
     device = torch.device(device)
-    if autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast_dtype={autocast_dtype!r}; choose one of {sorted(AUTOCAST_DTYPES)}")
+    if autocast_dtype not in PRECISION_OF:
+        raise ValueError(f"autocast_dtype={autocast_dtype!r}; choose one of {sorted(PRECISION_OF)}")
     if not hasattr(model, "get_intermediate_layers"):
         raise TypeError(f"{type(model).__name__} has no get_intermediate_layers; pass the unwrapped ViT backbone")
     n_total = len(dataset)
@@ -63,7 +64,7 @@ def extract_features(
     patch_mean: list[Tensor] = [torch.zeros(0, dim)]
     labels: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
     n_batches, example = 0, None
-    with torch.inference_mode(), _autocast(device, autocast_dtype):
+    with torch.inference_mode(), autocast(device, PRECISION_OF[autocast_dtype] if device.type == "cuda" else "fp32"):
         for images, targets in tqdm(loader, desc=desc, disable=me != 0, leave=False):
             layers = model.get_intermediate_layers(images.to(device, non_blocking=True), n=n_last_blocks,
                                                    return_class_token=True, norm=True)
@@ -93,10 +94,3 @@ def decode_error_count(dataset: Dataset) -> int:
     while not hasattr(dataset, "decode_errors") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return int(getattr(dataset, "decode_errors", 0))
-
-
-def _autocast(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
-    dtype = AUTOCAST_DTYPES[dtype_name]
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext()  # CPU features stay fp32: the reference numbers are fp32 on CPU
-    return torch.autocast("cuda", dtype=dtype)

@@ -55,7 +55,7 @@ class KnnMonitor:
             return
         from torch.utils.data import Subset
 
-        from pretrain.data.datasets import build_dataset
+        from dinoforge.data.datasets import build_dataset
 
         transform = make_eval_transform(EvalTransformConfig(
             resize_size=round(cfg.image_size * 256 / 224), crop_size=cfg.image_size, interpolation="bicubic",

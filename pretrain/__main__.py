@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.config import ConfigError, load_config
+from dinoforge.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
     # After parsing: --help answers without importing torch.
-    from pretrain.data.errors import DatasetError
-    from pretrain.models import CheckpointError
+    from dinoforge.data.errors import DatasetError
+    from dinoforge.models import CheckpointError
 
     try:
         if args.command == "export":
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_run(args.run_dir, args.step))
             return 0
-        from pretrain.train import TrainConfig, train  # heavy imports after argument parsing keep --help fast
+        from pretrain.train import train  # heavy imports after argument parsing keep --help fast
+        from pretrain.train_config import TrainConfig
 
         cfg = load_config(TrainConfig, args.config, args.overrides)
         print(train(cfg))

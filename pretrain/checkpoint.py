@@ -36,7 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from pretrain.distributed import barrier, is_distributed
+from dinoforge.collectives import barrier
+from dinoforge.launch import is_distributed
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Distributed runtime: process-group setup, FSDP2 sharding, activation checkpointing, compilation, teacher EMA.
+"""Distributed training components: FSDP2 sharding, activation checkpointing, compilation, teacher EMA, autocast
+(the launch environment and collectives are in dinoforge.launch and dinoforge.collectives).
 
 The model knows nothing about parallelism (torchtitan's rule): the trainer applies these functions from outside, in
 the order activation checkpointing -> compile -> FSDP2. One code path serves a single CPU process (no process group,
@@ -9,158 +10,21 @@ on new PyTorch releases; here FSDPModule.reshard() does that job.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from dinoforge.launch import DistributedEnv, is_distributed
+
 logger = logging.getLogger(__name__)
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-BACKENDS = ("auto", "nccl", "gloo")
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass(frozen=True)
-class DistributedEnv:
-    """Where this process sits in the job. `backend` is None for a single process without a process group."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that logs, writes metrics and renames checkpoints."""
-        return self.rank == 0
-
-
-_single_process_env: DistributedEnv | None = None
-
-
-def is_distributed() -> bool:
-    """True when a default process group exists (collectives must then be called by every rank)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def _int_variable(name: str) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        raise RuntimeError(f"environment variable {name} is missing; torchrun sets all of {TORCHRUN_VARIABLES} "
-                           "(under Slurm, launch through `python -m slurm` which translates them)")
-    try:
-        return int(value)
-    except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def _resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown distributed backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("backend 'nccl' needs CUDA, and no CUDA device is visible; use backend='gloo' on CPU")
-    return backend
-
-
-def _device_for(backend: str, local_rank: int) -> torch.device:
-    """NCCL ranks own cuda:LOCAL_RANK; gloo ranks compute on the CPU."""
-    if backend == "nccl":
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                               "visible; start at most one process per GPU (torchrun --nproc-per-node)")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _env_of_existing_group() -> DistributedEnv:
-    backend = str(dist.get_backend())
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if backend == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    return DistributedEnv(rank, world_size, local_rank, device, backend)
-
-
-def init_distributed(backend: str = "auto") -> DistributedEnv:
-    """Join the job described by torchrun's variables, or run as a single process when they are absent.
-
-    NCCL on CUDA (one device per LOCAL_RANK), gloo on CPU. Idempotent: a second call, or a call after someone else
-    created the default process group, describes the existing group.
-    """
-    global _single_process_env
-    if is_distributed():
-        return _env_of_existing_group()
-    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
-        if _single_process_env is None:
-            # the backend only picks the device here: no process group is created for one process
-            device = _device_for(_resolve_backend(backend), 0)
-            _single_process_env = DistributedEnv(device=device)
-            logger.info("single process on %s (no torchrun variables)", device)
-        return _single_process_env
-    rank, world_size, local_rank = (_int_variable(n) for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if not os.environ.get(name):
-            raise RuntimeError(f"environment variable {name} is missing; torchrun sets all of {TORCHRUN_VARIABLES}")
-    if not 0 <= rank < world_size:
-        raise RuntimeError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size}); check the launcher's variables")
-    resolved = _resolve_backend(backend)
-    device = _device_for(resolved, local_rank)
-    # device_id binds NCCL's communicator to this rank's GPU up front (and is meaningless for gloo)
-    dist.init_process_group(resolved, rank=rank, world_size=world_size,
-                            device_id=device if resolved == "nccl" else None)
-    logger.info("rank %d/%d (local %d) on %s with %s", rank, world_size, local_rank, device, resolved)
-    return DistributedEnv(rank, world_size, local_rank, device, resolved)
-
-
-def destroy_distributed() -> None:
-    """Leave the process group (if any); safe to call when none exists."""
-    global _single_process_env
-    _single_process_env = None
-    if is_distributed():
-        dist.destroy_process_group()
-
-
-# -- collectives ----------------------------------------------------------------------------------------------------
-
-
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum `tensor` in place over all processes (no-op for a single process); returns it."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """Average a floating-point `tensor` in place over all processes (no-op for a single process); returns it."""
-    if not tensor.is_floating_point():
-        raise TypeError(f"all_reduce_mean needs a floating-point tensor, got {tensor.dtype}; use all_reduce_sum "
-                        "for counts")
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
-    return tensor
-
-
-def barrier() -> None:
-    """Wait for every process (no-op for a single process)."""
-    if is_distributed():
-        dist.barrier()
 
 
 # -- sharding and precision -----------------------------------------------------------------------------------------
@@ -228,17 +92,6 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], env: DistributedEn
     logger.info("FSDP2 over %d ranks: %d blocks + %d top-level units, params %s, reduce fp32",
                 env.world_size, len(blocks), len(units), param_dtype)
     return model
-
-
-def autocast(device: torch.device, param_dtype: str = "fp32") -> contextlib.AbstractContextManager:
-    """Compute precision for an unsharded model: bf16 autocast when asked, nothing for fp32.
-
-    Sharded models get bf16 from their MixedPrecisionPolicy; losses are computed in fp32 either way (they upcast).
-    """
-    dtype = _param_dtype(param_dtype)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # -- activation checkpointing and compilation -----------------------------------------------------------------------

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ConfigError
-from pretrain.models.layer_scale import LayerScale
+from dinoforge.config import ConfigError
+from dinoforge.models.layer_scale import LayerScale
 from pretrain.schedules import SCALING_RULES
 
 try:  # torch builds without distributed support have no DTensor; then no gradient can be one

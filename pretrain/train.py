@@ -9,64 +9,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from evaluation.monitor import KnnMonitor, KnnMonitorConfig
+from dinoforge.collectives import all_reduce_mean
+from dinoforge.config import save_config
+from dinoforge.launch import DistributedEnv, init_distributed
+from dinoforge.models.attention import choose_backend
+from dinoforge.models.config import build_backbone
+from dinoforge.models.flops import train_step_flops
+from dinoforge.precision import autocast
+from dinoforge.run_logging import setup_logging
+from evaluation.monitor import KnnMonitor
 from pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
-from pretrain.config import save_config
-from pretrain.data.loader import DataConfig, build_pretrain_loader_from_config
-from pretrain.distributed import (
-    DistributedEnv,
-    all_reduce_mean,
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_fsdp,
-    autocast,
-    ema_update,
-    init_distributed,
-)
-from pretrain.export import export_teacher, load_initial_weights
-from pretrain.meta_arch import LossConfig, ModelConfig, SSLMetaArch, build_backbone
+from pretrain.data.loader import build_pretrain_loader_from_config
+from pretrain.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, ema_update
+from pretrain.export import export_teacher
+from pretrain.initial_weights import load_initial_weights
+from pretrain.meta_arch import SSLMetaArch
 from pretrain.metrics import MetricsLogger, format_console
-from pretrain.models.attention import choose_backend
-from pretrain.models.flops import train_step_flops
-from pretrain.optim import OptimConfig, build_optimizer, clip_grad_norm
-from pretrain.run_logging import setup_logging
+from pretrain.optim import build_optimizer, clip_grad_norm
 from pretrain.schedules import TrainingSchedules
 from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
+from pretrain.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    name: str = "run"
-    output_dir: str = "runs/pretrain"
-    seed: int = 0
-    total_steps: int = 1000
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    precision: str = "fp32"  # bf16: FSDP2 bf16 params + fp32 reduce when sharded, else bf16 autocast
-    activation_checkpointing: bool = False
-    compile: bool = False
-    max_consecutive_nonfinite: int = 5
-    init_weights: str = ""  # start from these weights (e.g. the high-resolution phase): run dir or export
-    peak_tflops: float = 0.0  # 0: the GPU's data-sheet figure, or a measured matmul rate on CPU
-    stop_after_steps: int = 0  # end this process after that many steps (tests: an interrupted run)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,7 +106,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         if self.env.is_main:
             save_config(cfg, self.run_dir)
-        setup_logging(self.run_dir, self.env.rank)
+        setup_logging(self.run_dir / "logs" / f"rank{self.env.rank}.log", self.env.rank)
         self.meta = build_meta_arch(cfg, self.env)
         self.optimizer = build_optimizer(self.meta.student, cfg.optim, depth=len(self.meta.student["backbone"].blocks))
         self.global_batch = cfg.data.batch_size_per_rank * self.env.world_size * cfg.optim.accumulation_steps

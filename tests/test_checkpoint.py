@@ -19,8 +19,9 @@ from test_distributed import (
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 import pretrain.checkpoint as checkpoint_module
+from dinoforge.launch import init_distributed
 from pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, export_full_state_dict
-from pretrain.distributed import apply_fsdp, init_distributed
+from pretrain.distributed import apply_fsdp
 
 # a collective that never completes must fail the test, not hang the suite (gloo waits 30 min)
 pytestmark = pytest.mark.timeout(300)

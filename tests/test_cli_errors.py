@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from curate.__main__ import main as curate_main
+from dinoforge.config import load_config, save_config
 from pretrain.__main__ import main as pretrain_main
-from pretrain.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_finished_curate_run_reruns_as_a_no_op_on_a_read_only_folder(tmp_path, c
 
 def _unexported_pretrain_run(run: Path) -> Path:
     """The directory of a pretraining run killed before its end: its config and checkpoints, no export/."""
-    from pretrain.train import TrainConfig
+    from pretrain.train_config import TrainConfig
 
     save_config(load_config(TrainConfig, REPO / "configs/pretrain/cpu_tiny.yaml", ["data.dataset=x"]), run)
     (run / "checkpoints").mkdir()

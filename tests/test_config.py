@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pretrain.config import ConfigError, load_config, save_config
+from dinoforge.config import ConfigError, load_config, save_config
 
 
 @dataclass

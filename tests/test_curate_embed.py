@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from curate.copydetect import CopyDetectDescriptor
 from curate.embed import EmbedConfig, build_embedder, decode_image, embed_images
-from pretrain.config import ConfigError
+from dinoforge.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_decode_image_modes():
 
 
 def _tiny_vit():
-    from pretrain.models import vit_tiny
+    from dinoforge.models import vit_tiny
 
     return vit_tiny(patch_size=16, img_size=64, depth=2).eval()
 
@@ -122,7 +122,7 @@ def test_dinov2_embedder_loads_weights_strictly(tmp_path, photos):
     torch.save(model.state_dict(), path)
     # The weights carry a 64 px position grid; the embedder runs at 64 px like the model.
     cfg = EmbedConfig(kind="dinov2", arch="vit_tiny", patch_size=16, image_size=64, weights=str(path), device="cpu")
-    from pretrain.models import CheckpointMismatchError, vit_tiny
+    from dinoforge.models import CheckpointMismatchError, vit_tiny
 
     with pytest.raises(CheckpointMismatchError):
         build_embedder(cfg)  # vit_tiny has 12 blocks, the file 2: a strict load refuses it

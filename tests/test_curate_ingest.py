@@ -75,7 +75,7 @@ def test_probe_rejections_have_specific_reasons(photos, make, reason):
 
 
 def test_sixteen_bit_greyscale_png_is_accepted_and_scaled_to_eight_bits():
-    from pretrain.data.decode import decode_image
+    from dinoforge.data.decode import decode_image
 
     values = np.array([0, 256, 257, 1000, 32768, 65279, 65535] * 3, dtype=np.uint16)
     buf = io.BytesIO()

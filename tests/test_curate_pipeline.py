@@ -30,7 +30,7 @@ from curate.manifest import check_accounting, read_manifest  # noqa: E402
 from curate.rundir import RunDir  # noqa: E402
 from curate.shards import read_index, verify_shards  # noqa: E402
 from curate.steps import run_all, run_step  # noqa: E402
-from pretrain.data.datasets import build_dataset  # noqa: E402
+from dinoforge.data.datasets import build_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_PER_CLASS = 12  # x 10 classes x 2 datasets = 240 real photos

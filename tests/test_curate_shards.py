@@ -12,13 +12,13 @@ import webdataset as wds
 
 from curate.shards import (
     ShardWriter,
-    file_sha256,
     plan_shards,
     read_index,
     shard_name,
     verify_shards,
     write_index,
 )
+from dinoforge.hashing import file_sha256
 
 
 def _check_plan(sizes: list[int], max_count: int, max_bytes: int) -> None:

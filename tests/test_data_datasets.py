@@ -26,8 +26,8 @@ from test_data_fixtures import (
 )
 from torch.utils.data import DataLoader
 
-from pretrain.data.datasets import DatasetError, build_dataset, detect_kind, split_kind_prefix
-from pretrain.data.tar_shards import scan_shard, split_key, unsafe_member_reason
+from dinoforge.data.datasets import DatasetError, build_dataset, detect_kind, split_kind_prefix
+from dinoforge.data.tar_shards import scan_shard, split_key, unsafe_member_reason
 
 
 @pytest.fixture(scope="module")

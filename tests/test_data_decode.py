@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from test_data_fixtures import broken_images, image_files, imagenette_subset, jpeg_bytes, png_header_only
 
-from pretrain.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
+from dinoforge.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_data_fixtures import broken_images, image_files, imagefolder_samples, imagenette_subset, write_shards
 
-from pretrain.config import ConfigError, load_config
+from dinoforge.config import ConfigError, load_config
 from pretrain.data.loader import DataConfig, build_pretrain_loader, build_pretrain_loader_from_config
 from pretrain.data.multicrop import MultiCropConfig
 

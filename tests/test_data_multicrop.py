@@ -10,7 +10,7 @@ from PIL import Image
 from test_data_fixtures import image_files, imagenette_subset
 from torchvision.transforms import v2
 
-from pretrain.config import ConfigError, load_config
+from dinoforge.config import ConfigError, load_config
 from pretrain.data.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -11,26 +11,18 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
+from dinoforge.collectives import all_reduce_mean, all_reduce_sum, barrier
+from dinoforge.launch import DistributedEnv, destroy_distributed, init_distributed
+from dinoforge.models import vit_tiny
+from dinoforge.precision import autocast
 from pretrain.checkpoint import export_full_state_dict
-from pretrain.distributed import (
-    DistributedEnv,
-    all_reduce_mean,
-    all_reduce_sum,
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_fsdp,
-    autocast,
-    barrier,
-    destroy_distributed,
-    ema_update,
-    init_distributed,
-)
-from pretrain.models import vit_tiny
+from pretrain.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, ema_update
 
 # a collective that never completes must fail the test, not hang the suite (gloo waits 30 min)
 pytestmark = pytest.mark.timeout(300)
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                    "SLURM_NTASKS", "SLURM_LOCALID")
 GLOBAL_BATCH = 8
 STEPS = 2
 MOMENTUM = 0.9
@@ -252,7 +244,7 @@ def test_fsdp_bf16_params_with_fp32_master_weights(two_process_result, single_pr
 
 @pytest.fixture
 def no_torchrun(monkeypatch):
-    for name in TORCHRUN_VARIABLES:
+    for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     destroy_distributed()
     yield
@@ -288,7 +280,7 @@ def test_torchrun_variables_with_one_process_create_a_group(no_torchrun, monkeyp
     ({"RANK": "0"}, "WORLD_SIZE is missing"),
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "outside"),
     ({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0"}, "not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "1"}, "MASTER_ADDR is missing"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "1"}, "MASTER_ADDR is not"),
 ])
 def test_bad_torchrun_variables_are_named(no_torchrun, monkeypatch, variables, match):
     for name, value in variables.items():

@@ -9,14 +9,13 @@ import pytest
 import torch
 from test_eval_support import imagenette_file_list, one_torch_thread
 
+from dinoforge.config import load_config
+from dinoforge.data.errors import DatasetError
 from evaluation.__main__ import main
 from evaluation.backbone import build_backbone
 from evaluation.config import TASK_SCHEMAS, BackboneConfig, KnnEvalConfig, LinearEvalConfig
 from evaluation.evaluate import align_labels
 from evaluation.feature_set import FeatureSet
-from evaluation.process_group import LaunchPlace, init_from_env, launch_place
-from pretrain.config import load_config
-from pretrain.data.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_112 = ["model.arch=vit_tiny", "model.patch_size=16", "model.img_size=112", "transform.resize_size=128",
@@ -73,7 +72,7 @@ def test_knn_on_imagenette_is_above_chance_and_the_same_twice(imagenette, tmp_pa
 
 
 def test_weights_file_gives_the_same_result_as_the_model_it_came_from(imagenette, tmp_path):
-    from pretrain.models import export_official, save_safetensors
+    from dinoforge.models import export_official, save_safetensors
 
     model = build_backbone(BackboneConfig(arch="vit_tiny", patch_size=16, img_size=64, seed=5))
     weights = save_safetensors(export_official(model), tmp_path / "tiny.safetensors")
@@ -127,8 +126,8 @@ def test_config_mistakes_are_reported_with_the_key(imagenette, tmp_path, capsys)
 
 def test_paths_holding_the_wrong_thing_are_one_line_errors(imagenette, tmp_path, capsys):
     """Weights, datasets and output paths that exist but cannot serve: `error: ...`, exit 1, no traceback."""
-    from pretrain.config import save_config
-    from pretrain.train import TrainConfig
+    from dinoforge.config import save_config
+    from pretrain.train_config import TrainConfig
 
     killed = tmp_path / "killed_run"  # a pretraining run stopped before its end: checkpoints, no export yet
     save_config(load_config(TrainConfig, REPO / "configs/pretrain/cpu_tiny.yaml", ["data.dataset=x"]), killed)
@@ -175,13 +174,3 @@ def test_val_labels_follow_class_names_when_val_lacks_a_class():
     with pytest.raises(DatasetError, match="val classes absent from the train split: \\['z'\\] \\(1 in all; "
                                            "train-only classes: \\['b'\\]\\)"):
         align_labels(_Named(["a", "b"]), _Named(["a", "z"]), train, val)
-
-
-def test_launch_place_from_torchrun_slurm_or_nothing():
-    assert launch_place({}) == LaunchPlace(0, 1, 0)
-    assert launch_place({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0",
-                         "SLURM_NTASKS": "1"}) == LaunchPlace(3, 4, 1)  # torchrun inside a Slurm job wins
-    assert launch_place({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == LaunchPlace(5, 8, 1)
-    assert init_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is False  # one task: no process group
-    with pytest.raises(RuntimeError, match="2 processes launched but MASTER_ADDR, MASTER_PORT not set"):
-        init_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})

@@ -13,13 +13,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_eval_support import imagenette_file_list, one_torch_thread
 
+from dinoforge.data.datasets import build_dataset
 from evaluation.backbone import build_backbone, weights_fingerprint
 from evaluation.config import BackboneConfig, EvalTransformConfig
 from evaluation.feature_cache import cache_path, cached_features, dataset_fingerprint, load_features
 from evaluation.feature_set import FeatureSet
 from evaluation.features import extract_features
 from evaluation.transform import make_eval_transform
-from pretrain.data.datasets import build_dataset
 
 TINY = BackboneConfig(weights="random", arch="vit_tiny", patch_size=16, img_size=64, init_values=1.0, seed=3)
 TRANSFORM = EvalTransformConfig(resize_size=72, crop_size=64)

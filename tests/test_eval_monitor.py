@@ -9,10 +9,10 @@ import torch
 from test_eval_support import imagenette_file_list, one_torch_thread
 from torch.utils.data import Subset
 
+from dinoforge.models import vit_tiny
 from evaluation.features import extract_features
 from evaluation.knn import knn_evaluate
 from evaluation.monitor import KnnMonitor, KnnMonitorConfig
-from pretrain.models import vit_tiny
 
 
 @pytest.fixture(autouse=True)

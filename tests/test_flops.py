@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pretrain.models.attention import BACKEND_ENV
-from pretrain.models.flops import count_forward_flops, flop_counter, train_step_flops, vit_forward_flops_analytic
-from pretrain.models.vision_transformer import DinoVisionTransformer, vit_giant2
+from dinoforge.models.attention import BACKEND_ENV
+from dinoforge.models.flops import count_forward_flops, flop_counter, train_step_flops, vit_forward_flops_analytic
+from dinoforge.models.vision_transformer import DinoVisionTransformer, vit_giant2
 
 MIXED_CROPS = [(2, 3, 56, 56), (3, 3, 28, 42)]
 

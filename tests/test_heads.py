@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.models.heads import DINOHead, WeightNormLinear
+from dinoforge.models.heads import DINOHead, WeightNormLinear
 
 
 def reference_head(in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> nn.Module:

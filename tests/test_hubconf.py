@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.models.ffn import Mlp, SwiGLUFFN
-from pretrain.models.vision_transformer import vit_small
-from pretrain.models.weights import export_official, save_safetensors
+from dinoforge.models.ffn import Mlp, SwiGLUFFN
+from dinoforge.models.vision_transformer import vit_small
+from dinoforge.models.weights import export_official, save_safetensors
 
 REPO = str(Path(__file__).resolve().parents[1])
 OFFICIAL = {  # name: (width, depth, registers, SwiGLU)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dinoforge.models.config import ModelConfig
 from pretrain.losses import masks_weight_from_masks, sinkhorn_knopp
-from pretrain.meta_arch import HeadConfig, LossConfig, ModelConfig, SSLMetaArch
+from pretrain.meta_arch import HeadConfig, LossConfig, SSLMetaArch
 
 B, N_LOCAL, K = 3, 2, 32
 

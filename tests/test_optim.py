@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ConfigError, load_config
-from pretrain.models import vit_tiny
-from pretrain.models.heads import DINOHead
+from dinoforge.config import ConfigError, load_config
+from dinoforge.models import vit_tiny
+from dinoforge.models.heads import DINOHead
 from pretrain.optim import (
     OptimConfig,
     accumulation_scale,

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import load_config
+from dinoforge.config import load_config
 from pretrain.meta_arch import SSLMetaArch
-from pretrain.train import TrainConfig
+from pretrain.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 REQUIRED = ["data.dataset=/data/train", "init_weights=/runs/pretrain/vitl14"]
@@ -51,7 +51,7 @@ def test_reference_recipe_values():
 
 
 def test_required_dataset_is_enforced():
-    from pretrain.config import ConfigError
+    from dinoforge.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.dataset"):
         load_config(TrainConfig, CONFIGS / "vits14.yaml")

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from curate_photos import dataset_root
 
+from dinoforge.config import load_config
+from dinoforge.models.config import ModelConfig
 from evaluation.config import BackboneConfig, KnnEvalConfig
 from evaluation.evaluate import run_evaluation
-from pretrain.config import load_config
-from pretrain.meta_arch import ModelConfig
 from pretrain.metrics import read_metrics
-from pretrain.train import TrainConfig
+from pretrain.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"

@@ -12,9 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pretrain.config import load_config
+from dinoforge.config import load_config
 from pretrain.metrics import read_metrics
-from pretrain.train import TrainConfig, train
+from pretrain.train import train
+from pretrain.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))

@@ -19,12 +19,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from curate.embed import EmbedConfig, build_embedder
+from dinoforge.config import load_config
+from dinoforge.models import load_pretrained
 from evaluation.backbone import build_backbone as build_eval_backbone
 from evaluation.config import BackboneConfig
-from pretrain.config import load_config
 from pretrain.metrics import read_metrics
-from pretrain.models import load_pretrained
-from pretrain.train import NonFiniteLossError, TrainConfig, Trainer
+from pretrain.train import NonFiniteLossError, Trainer
+from pretrain.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"
@@ -102,7 +103,7 @@ def test_run_writes_metrics_checkpoints_and_loadable_export(image_folder, tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
     cfg = load_config(TrainConfig, run / "config.yaml")
-    from pretrain.meta_arch import build_backbone
+    from dinoforge.models.config import build_backbone
 
     backbone = build_backbone(cfg.model, drop_path=False).eval()
     result = load_pretrained(backbone, run / "export" / "teacher_backbone.safetensors")

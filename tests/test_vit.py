@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.models import ARCHITECTURES, attention, build_vit, vit_giant2, vit_small, vit_tiny
-from pretrain.models.attention import BACKEND_ENV, packed_attention, resolve_backend
-from pretrain.models.drop_path import add_residual_efficient, add_residual_masked
-from pretrain.models.ffn import swiglu_hidden_features
-from pretrain.models.packing import TokenLayout
+from dinoforge.models import ARCHITECTURES, attention, build_vit, vit_giant2, vit_small, vit_tiny
+from dinoforge.models.attention import BACKEND_ENV, packed_attention, resolve_backend
+from dinoforge.models.drop_path import add_residual_efficient, add_residual_masked
+from dinoforge.models.ffn import swiglu_hidden_features
+from dinoforge.models.packing import TokenLayout
 
 
 @pytest.fixture

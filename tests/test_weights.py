@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pretrain.models.heads import DINOHead
-from pretrain.models.vision_transformer import DinoVisionTransformer
-from pretrain.models.weight_check import summarise_keys
-from pretrain.models.weight_layouts import CHUNKED, HF, OFFICIAL, TIMM, LayoutError, detect_layout
-from pretrain.models.weights import (
+from dinoforge.models.heads import DINOHead
+from dinoforge.models.vision_transformer import DinoVisionTransformer
+from dinoforge.models.weight_check import summarise_keys
+from dinoforge.models.weight_layouts import CHUNKED, HF, OFFICIAL, TIMM, LayoutError, detect_layout
+from dinoforge.models.weights import (
     CheckpointError,
     CheckpointMismatchError,
     export_official,

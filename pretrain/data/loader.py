@@ -21,9 +21,9 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import DataLoader
 
+from dinoforge.data.datasets import build_dataset
+from dinoforge.data.decode import DEFAULT_MAX_PIXELS
 from pretrain.data.collate import GlobalBatchCollator, collate_multicrop
-from pretrain.data.datasets import build_dataset
-from pretrain.data.decode import DEFAULT_MAX_PIXELS
 from pretrain.data.masking import MaskingGenerator
 from pretrain.data.multicrop import MultiCropAugmentation, MultiCropConfig
 from pretrain.data.multicrop_dataset import MultiCropDataset

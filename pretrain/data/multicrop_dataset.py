@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from pretrain.data.datasets import ImageDataset
+from dinoforge.data.datasets import ImageDataset
 from pretrain.data.multicrop import MultiCropAugmentation
 from pretrain.data.seeding import AUGMENTATION, derive_seed
 

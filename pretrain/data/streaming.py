@@ -23,10 +23,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pretrain.data.datasets import shard_paths
-from pretrain.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
+from dinoforge.data.datasets import shard_paths
+from dinoforge.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
+from dinoforge.data.tar_shards import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, parse_label
 from pretrain.data.seeding import STREAM_SHARDS, derive_seed
-from pretrain.data.tar_shards import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, parse_label
 
 logger = logging.getLogger(__name__)
 

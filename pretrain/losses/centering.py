@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.losses.collectives import all_reduce_sum_
+from dinoforge.collectives import all_reduce_sum
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def ema_update_center_(center: Tensor, logits: Tensor, momentum: float) -> None:
     rows = logits.detach().float().reshape(-1, n_prototypes)
     # One collective for sum and count: [sum over rows (K values), number of rows].
     stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
-    all_reduce_sum_(stats)
+    all_reduce_sum(stats)
     count = stats[-1]
     batch_mean = stats[:-1] / count.clamp(min=1.0)
     updated = center.float().reshape(n_prototypes) * momentum + batch_mean * (1.0 - momentum)

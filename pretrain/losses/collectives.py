@@ -1,24 +1,13 @@
-"""The collectives the losses need beyond `pretrain.distributed`'s, as no-ops when torch.distributed is not
-initialised: one code path serves a single CPU process, torchrun and Slurm jobs (default process group).
-"""
+"""A logsumexp over a dimension split across processes (Sinkhorn-Knopp's prototypes or samples), exact and finite;
+the identity's counterpart for a single process."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from pretrain.distributed import all_reduce_sum as all_reduce_sum_
-from pretrain.distributed import is_distributed
-
-__all__ = ["all_reduce_max_", "all_reduce_sum_", "global_logsumexp", "is_distributed"]
-
-
-def all_reduce_max_(tensor: Tensor) -> Tensor:
-    """Element-wise maximum of `tensor` in place over all processes; returns it for chaining."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+from dinoforge.collectives import all_reduce_max_, all_reduce_sum
+from dinoforge.launch import is_distributed
 
 
 def global_logsumexp(values: Tensor, dim: int) -> Tensor:
@@ -36,5 +25,5 @@ def global_logsumexp(values: Tensor, dim: int) -> Tensor:
     shift = all_reduce_max_(local.clone())
     # Where every process is empty the shift is -inf; use 0 there so the result stays -inf instead of NaN.
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    total = all_reduce_sum_(torch.exp(local - shift))
+    total = all_reduce_sum(torch.exp(local - shift))
     return shift + torch.log(total)

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from pretrain.losses.collectives import all_reduce_sum_, global_logsumexp
+from dinoforge.collectives import all_reduce_sum
+from pretrain.losses.collectives import global_logsumexp
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def sinkhorn_knopp(
     log_q = logits.detach().float() / teacher_temp
     n_prototypes = log_q.shape[1]
     if n_samples is None:
-        count = all_reduce_sum_(torch.tensor(float(log_q.shape[0]), device=log_q.device))
+        count = all_reduce_sum(torch.tensor(float(log_q.shape[0]), device=log_q.device))
     else:
         count = torch.as_tensor(n_samples, device=log_q.device).float()
     log_b = torch.log(count)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pretrain.models.packing import TokenLayout
+from dinoforge.models.packing import TokenLayout
 
 Branch = Callable[[Tensor, TokenLayout], Tensor]
 

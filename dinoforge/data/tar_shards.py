@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.data.decode import ImageDecodeError
-from pretrain.data.errors import DatasetError
+from dinoforge.data.decode import ImageDecodeError
+from dinoforge.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.weight_check import CheckpointError, CheckpointMismatchError, check_state_dict
-from pretrain.models.weight_layouts import detect_layout, normalise_head_keys, to_official
+from dinoforge.atomic import atomic_path
+from dinoforge.models.weight_check import CheckpointError, CheckpointMismatchError, check_state_dict
+from dinoforge.models.weight_layouts import detect_layout, normalise_head_keys, to_official
 
 __all__ = [
     "CheckpointError",
@@ -291,13 +292,7 @@ def save_safetensors(state: Mapping[str, Tensor], path: str | os.PathLike,
     bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"safetensors metadata values must be str; got {bad}: serialise them (json.dumps) first")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from pretrain.data.errors import DatasetError
+from dinoforge.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ nearest valid one; the resolved config is written into the run directory.
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dinoforge.atomic import atomic_write_text
 
 T = TypeVar("T")
 
@@ -56,12 +57,7 @@ def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Pat
 
     Written aside and renamed: the processes of a job (array tasks, ranks) may all save it at the same moment.
     """
-    out = Path(run_dir) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{name}.{os.getpid()}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(Path(run_dir) / name, to_yaml(cfg))
 
 
 def to_yaml(cfg: Any) -> str:

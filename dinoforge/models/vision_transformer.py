@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.block import Block
-from pretrain.models.packing import TokenLayout
-from pretrain.models.patch_embed import PatchEmbed
+from dinoforge.models.block import Block
+from dinoforge.models.packing import TokenLayout
+from dinoforge.models.patch_embed import PatchEmbed
 
 
 class DinoVisionTransformer(nn.Module):

@@ -20,10 +20,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from webdataset.shardlists import expand_urls
 
-from pretrain.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
-from pretrain.data.errors import DatasetError
-from pretrain.data.file_sources import IMAGE_SUFFIXES, FileListSource, ImageFolderSource
-from pretrain.data.tar_shards import TarShardSource
+from dinoforge.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
+from dinoforge.data.errors import DatasetError
+from dinoforge.data.file_sources import IMAGE_SUFFIXES, FileListSource, ImageFolderSource
+from dinoforge.data.tar_shards import TarShardSource
 
 logger = logging.getLogger(__name__)
 

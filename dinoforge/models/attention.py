@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.packing import TokenLayout
+from dinoforge.models.packing import TokenLayout
 
 logger = logging.getLogger(__name__)
 

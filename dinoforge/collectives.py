@@ -1,6 +1,7 @@
-"""Split a dataset over processes and gather per-process results back into dataset order.
+"""Collectives over the default process group, each a no-op (or the identity) for a single process, so that one code
+path serves a laptop, torchrun and Slurm; and the even split of a dataset over processes.
 
-Process r takes samples r, r + W, r + 2W, ... (W = world size): every sample exactly once, none padded or
+Splitting: process r takes samples r, r + W, r + 2W, ... (W = world size): every sample exactly once, none padded or
 repeated, unlike `DistributedSampler`, which pads with duplicates when the size is not divisible by W.
 """
 
@@ -11,6 +12,39 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dinoforge.launch import is_distributed
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum `tensor` in place over all processes (no-op for a single process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """Average a floating-point `tensor` in place over all processes (no-op for a single process); returns it."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"all_reduce_mean needs a floating-point tensor, got {tensor.dtype}; use all_reduce_sum "
+                        "for counts")
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every process (no-op for a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_max_(tensor: Tensor) -> Tensor:
+    """Element-wise maximum of `tensor` in place over all processes; returns it for chaining."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def current_world_size() -> int:

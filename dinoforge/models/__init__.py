@@ -1,8 +1,8 @@
 """Model code only: the DINOv2 ViT family, its building blocks, heads, weight interchange and FLOP counting."""
 
-from pretrain.models.flops import count_forward_flops, train_step_flops, vit_forward_flops_analytic
-from pretrain.models.heads import DINOHead
-from pretrain.models.vision_transformer import (
+from dinoforge.models.flops import count_forward_flops, train_step_flops, vit_forward_flops_analytic
+from dinoforge.models.heads import DINOHead
+from dinoforge.models.vision_transformer import (
     ARCHITECTURES,
     DinoVisionTransformer,
     build_vit,
@@ -12,7 +12,7 @@ from pretrain.models.vision_transformer import (
     vit_small,
     vit_tiny,
 )
-from pretrain.models.weights import (
+from dinoforge.models.weights import (
     CheckpointError,
     CheckpointMismatchError,
     LoadResult,

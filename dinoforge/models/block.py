@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pretrain.models.attention import Attention
-from pretrain.models.drop_path import add_residual_efficient, add_residual_masked
-from pretrain.models.ffn import build_ffn
-from pretrain.models.layer_scale import LayerScale
-from pretrain.models.packing import TokenLayout
+from dinoforge.models.attention import Attention
+from dinoforge.models.drop_path import add_residual_efficient, add_residual_masked
+from dinoforge.models.ffn import build_ffn
+from dinoforge.models.layer_scale import LayerScale
+from dinoforge.models.packing import TokenLayout
 
 # Below this drop rate the gather/scatter of the efficient form costs more than it saves (DINOv2 uses 0.1 too).
 EFFICIENT_DROP_PATH_MIN = 0.1

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from pretrain.models.attention import BACKEND_ENV
-from pretrain.models.ffn import swiglu_hidden_features
+from dinoforge.models.attention import BACKEND_ENV
+from dinoforge.models.ffn import swiglu_hidden_features
 
 CropSpec = Tensor | Sequence[int]
 SDPA_KERNEL_PREFIX = "_scaled_dot_product_"

@@ -1,0 +1,39 @@
+"""The config of a pretraining run: its schedule, precision and the configs of its components."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dinoforge.models.config import ModelConfig
+from evaluation.monitor import KnnMonitorConfig
+from pretrain.data.loader import DataConfig
+from pretrain.meta_arch import LossConfig
+from pretrain.optim import OptimConfig
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    total_steps: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    precision: str = "fp32"  # bf16: FSDP2 bf16 params + fp32 reduce when sharded, else bf16 autocast
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_consecutive_nonfinite: int = 5
+    init_weights: str = ""  # start from these weights (e.g. the high-resolution phase): run dir or export
+    peak_tflops: float = 0.0  # 0: the GPU's data-sheet figure, or a measured matmul rate on CPU
+    stop_after_steps: int = 0  # end this process after that many steps (tests: an interrupted run)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
