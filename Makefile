@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -m "not gpu"
 
-.PHONY: test venv system-deps lint bench clean
+.PHONY: test venv system-deps lint bench gpu-check clean
 
 test: venv system-deps
 	$(VENV)/bin/ruff check .
@@ -29,7 +29,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 bench: venv
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# One GPU, at most 8 minutes, one JSON summary (README "GPU check"); needs no venv: the GPU machine's python3, wheels/.
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

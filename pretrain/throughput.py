@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 # Dense peak TFLOP/s from the vendors' data sheets (no sparsity), by device-name fragment and dtype.
 GPU_PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp32": 494.0},
+    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},  # before "H100": the first fragment found in the name wins
     "H100": {"bf16": 989.0, "fp32": 494.0},  # SXM; fp32 means TF32 tensor cores
     "A100": {"bf16": 312.0, "fp32": 156.0},
     "L40S": {"bf16": 362.0, "fp32": 183.0},

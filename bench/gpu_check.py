@@ -1,0 +1,520 @@
+"""One-call GPU check: versions and kernel paths, `pytest -m gpu`, a bf16 training-step bench of the S, L and g
+recipes (our step under autocast, our step under FSDP2, timm's ViT) and a short real training run with k-NN at its
+end. Each stage runs in its own process group with its own time budget, so a hanging stage is killed and reported
+("timeout") while the others still run; one JSON summary goes to stdout and, when OUT is set, to $OUT/gpu_check.json.
+
+    bash bench/gpu_check.sh                                        # on the GPU machine (README "GPU check")
+    python bench/gpu_check.py --device cpu --quick --data DIR      # every stage at toy sizes on a CPU
+
+The training run is sized by a calibration run of the same command: its steps per second and start-up time give
+the number of steps that fit the stage's budget. Standard library only: the driver must report even when torch or a
+wheel does not import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_MODELS = ("vits14", "vitl14", "vitg14")
+TAIL_CHARS = 2000
+
+# Seconds per stage on the GPU machine; they add up to 445 of the ~465 that bench/gpu_check.sh leaves the driver.
+BUDGETS = {"env": 30, "pytest": 60, "bench_vits14": 40, "bench_vitl14": 50, "bench_vitg14": 70,
+           "train_calibration": 45, "train": 150}
+QUICK_BUDGETS = {"env": 60, "pytest": 60, "bench_cpu_tiny": 90, "train_calibration": 60, "train": 60}
+
+
+@dataclass
+class Settings:
+    """What the stages run: the GPU sizes, or toy sizes with `quick` (a CPU test of the whole driver)."""
+
+    device: str
+    quick: bool
+    data: Path
+    work: Path
+    logs: Path
+    budget_s: float
+    stages: list[str]
+    python: str = sys.executable
+    train_steps: int = 0  # 0: from the calibration run
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bench_models(self) -> tuple[str, ...]:
+        return ("cpu_tiny",) if self.quick else BENCH_MODELS
+
+
+@dataclass
+class StageRun:
+    """How one stage process ended."""
+
+    name: str
+    status: str  # ok | failed | timeout | skipped
+    seconds: float = 0.0
+    budget_s: float = 0.0
+    returncode: int | None = None
+    log: str = ""
+    error: str = ""
+
+    def summary(self) -> dict:
+        out = {"status": self.status, "seconds": round(self.seconds, 1), "budget_s": round(self.budget_s, 1),
+               "returncode": self.returncode, "log": self.log}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def log_tail(path: Path, chars: int = TAIL_CHARS) -> str:
+    """The end of a stage log without progress-bar redraws."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(line for line in lines if line.strip())[-chars:]
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, to the stage's whole process group (data-loader workers, pytest children)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_stage(name: str, argv: list[str], budget_s: float, log: Path, env: dict[str, str] | None = None) -> StageRun:
+    """Run `argv` in the repository with at most `budget_s` seconds; stdout and stderr go to `log`."""
+    if budget_s < 1:
+        return StageRun(name, "skipped", budget_s=budget_s, error="no time left in the overall budget")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with log.open("w") as out:
+        out.write("$ " + " ".join(argv) + "\n")
+        out.flush()
+        try:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            return StageRun(name, "failed", budget_s=budget_s, log=str(log), error=f"could not start: {e}")
+        try:
+            returncode = proc.wait(timeout=budget_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out, returncode = True, None
+        except BaseException:  # Ctrl-C: take the stage's processes down with the driver
+            _kill_group(proc, grace_s=1.0)
+            raise
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc, grace_s=1.0)
+            else:
+                _reap_group(proc)
+    seconds = time.monotonic() - start
+    if timed_out:
+        return StageRun(name, "timeout", seconds, budget_s, None, str(log),
+                        f"killed after its budget of {budget_s:.0f} s; log tail:\n{log_tail(log)}")
+    if returncode != 0:
+        return StageRun(name, "failed", seconds, budget_s, returncode, str(log), log_tail(log))
+    return StageRun(name, "ok", seconds, budget_s, returncode, str(log))
+
+
+def _reap_group(proc: subprocess.Popen) -> None:
+    """A stage that exited may leave children of its group behind (e.g. a worker that missed its shutdown)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- pytest ---------------------------------------------------------------------------------------------------------
+
+
+def gpu_test_files() -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                  if "pytest.mark.gpu" in p.read_text(errors="replace"))
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+# Not carried to the GPU machine (README "GPU check"): a test module that cannot import them is reported apart.
+NOT_CARRIED = ("faiss", "xformers", "open_clip", "submitit")
+MISSING_MODULE = re.compile(r"^E\s+ModuleNotFoundError: No module named '([\w.]+)'", re.MULTILINE)
+
+
+def _reason(element: ET.Element) -> str:
+    """pytest's message, or for a collection error the last `E` line of its traceback (the actual error)."""
+    said = [line[1:].strip() for line in (element.text or "").splitlines() if line.startswith("E ")]
+    message = element.get("message") or ""
+    if said and (not message or message == "collection failure"):
+        return said[-1][:300]
+    return _first_line(message or element.text)
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts and names of the failed and erroring tests of a JUnit XML (collection errors included), skip reasons,
+    and test modules that did not import for want of a module that is not carried (`not_collected`)."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures: list[str] = []
+    messages: dict[str, str] = {}
+    skips: dict[str, str] = {}
+    not_collected: dict[str, str] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = "::".join(part for part in (case.get("classname"), case.get("name")) if part)
+        for tag, key in (("failure", "failed"), ("error", "errors"), ("skipped", "skipped")):
+            found = case.find(tag)
+            if found is None:
+                continue
+            reason = _reason(found)
+            missing = MISSING_MODULE.search(found.text or "") if key == "errors" else None
+            if missing and missing.group(1).split(".")[0] in NOT_CARRIED:
+                not_collected[name] = reason
+            elif key == "skipped":
+                counts[key] += 1
+                skips[name] = reason
+            else:
+                counts[key] += 1
+                failures.append(name)
+                messages[name] = reason
+            break
+        else:
+            counts["passed"] += 1
+    return {**counts, "failures": failures, "failure_messages": messages, "skips": skips,
+            "not_collected": not_collected}
+
+
+PYTEST_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def pytest_log_summary(log: Path) -> dict:
+    """The same counts from pytest's verbose lines, for a run killed before it wrote its XML."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures = []
+    key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
+           "XFAIL": "skipped"}
+    for line in log_tail(log, chars=10**6).splitlines():
+        match = PYTEST_LINE.match(line.strip())
+        if match:
+            counts[key[match.group(2)]] += 1
+            if match.group(2) in ("FAILED", "ERROR"):
+                failures.append(match.group(1))
+    return {**counts, "failures": failures, "from_log": True}
+
+
+def stage_pytest(s: Settings, env: dict, deadline: float) -> tuple[StageRun, dict]:
+    files = ["tests/test_vit.py"] if s.quick else gpu_test_files()
+    xml = s.logs / "pytest_gpu.xml"
+    xml.unlink(missing_ok=True)
+    argv = [s.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
+            "--continue-on-collection-errors", *files]
+    if _has_module(s.python, "pytest_timeout", env):  # one hanging test fails alone instead of taking the stage down
+        argv += ["--timeout", "40"]
+    run = run_stage("pytest", argv, _budget(s, "pytest", deadline), s.logs / "pytest.log", env)
+    section = junit_summary(xml) if xml.exists() else pytest_log_summary(s.logs / "pytest.log")
+    section["files"] = files
+    # pytest's status 1 means failed tests or collection errors (counted here), 5 that none ran; neither is a
+    # crash of pytest itself, so the counts decide
+    if run.status == "failed" and run.returncode in (1, 5) and xml.exists():
+        run.status, run.error = "ok", ""
+    if run.status == "ok" and section["failed"] + section["errors"]:
+        run.status = "failed"
+        run.error = f"{section['failed']} failed, {section['errors']} errors: {', '.join(section['failures'])}"
+    return run, section
+
+
+def _has_module(python: str, name: str, env: dict) -> bool:
+    probe = subprocess.run([python, "-c", f"import importlib.util as u; exit(u.find_spec({name!r}) is None)"],
+                           env=env, cwd=REPO, capture_output=True)
+    return probe.returncode == 0
+
+
+# -- env and bench --------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stage_env(s: Settings, env: dict, deadline: float) -> tuple[StageRun, dict]:
+    out = s.logs / "env.json"
+    out.unlink(missing_ok=True)
+    argv = [s.python, "bench/gpu_env.py", "--device", s.device, "--json-out", str(out)]
+    run = run_stage("env", argv, _budget(s, "env", deadline), s.logs / "env.log", env)
+    return run, _read_json(out)
+
+
+def stage_bench(s: Settings, model: str, env: dict, deadline: float) -> tuple[StageRun, dict]:
+    name = f"bench_{model}"
+    out = s.logs / f"{name}.json"
+    out.unlink(missing_ok=True)
+    argv = [s.python, "bench/bench_train.py", "--device", s.device, "--recipe", "--models", model,
+            "--variants", "ours", "fsdp", "timm", "--json-out", str(out)]
+    if s.quick:  # bf16 is emulated (slowly) on most CPUs
+        argv += ["--precision", "fp32", "--images", "2", "--rounds", "1", "model.depth=2"]
+    else:
+        argv += ["--precision", "bf16", "--rounds", "5"]
+    run = run_stage(name, argv, _budget(s, name, deadline), s.logs / f"{name}.log", env)
+    report = _read_json(out)
+    section = report.get("results", {}).get(model, {})
+    if section:
+        section["device_name"] = report.get("device_name")
+    failed = {k: v["error"] for k, v in section.items() if isinstance(v, dict) and "error" in v}
+    if run.status == "ok" and failed:
+        run.status, run.error = "failed", "; ".join(f"{k}: {v}" for k, v in failed.items())
+    return run, section
+
+
+# -- training run ---------------------------------------------------------------------------------------------------
+
+
+def train_command(s: Settings, name: str, steps: int, extra: list[str]) -> list[str]:
+    """`python -m pretrain train` of the S recipe on the small dataset (112 px global, 56 px local crops), or of
+    cpu_tiny at toy sizes with `quick`. Warm-ups scale with the run so that a short run still reaches its schedule."""
+    workers = 0 if s.quick else max(1, min(14, (os.cpu_count() or 4) - 2))
+    config = "configs/pretrain/cpu_tiny.yaml" if s.quick else "configs/pretrain/vits14.yaml"
+    values = [f"name={name}", f"output_dir={s.work / 'train'}", f"data.dataset={s.data / 'train'}",
+              f"data.num_workers={workers}", "checkpoint_every=0", f"optim.warmup_steps={max(1, steps // 10)}",
+              f"optim.freeze_last_layer_steps={steps // 20}", f"optim.warmup_teacher_temp_steps={steps // 3}"]
+    if s.quick:
+        values += ["model.depth=2", "data.batch_size_per_rank=4"]
+    else:
+        values += ["data.multicrop.global_crops_size=112", "data.multicrop.local_crops_size=56"]
+    return [s.python, "-m", "pretrain", "train", config, *values, *extra]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, k-NN rows) of a run's metrics.jsonl."""
+    rows = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    train = [r for r in rows if "total_loss" in r]
+    knn = [r for r in rows if any(str(k).startswith("knn/") for k in r)]
+    return train, knn
+
+
+def steps_that_fit(step_seconds: list[float], startup_s: float, budget_s: float, skip: int, reserve_s: float,
+                   low: int, high: int) -> tuple[int, float]:
+    """(steps, steps per second): how many steps fit `budget_s` after the start-up of a run and `reserve_s` for its
+    end (k-NN, export), at the rate of the calibration steps after the first `skip` (which include warm-up);
+    with a 15% margin, within [low, high]."""
+    timed = step_seconds[skip:] or step_seconds
+    if not timed or sum(timed) <= 0:
+        return low, float("nan")
+    rate = len(timed) / sum(timed)
+    steps = int(0.85 * rate * (budget_s - startup_s - reserve_s))
+    return max(low, min(high, steps)), rate
+
+
+def _config_out_dim(run_dir: Path) -> int | None:
+    """The DINO head's prototype count from the run's resolved config (log of it is the entropy of uniform
+    targets), when PyYAML is there to read it."""
+    try:
+        import yaml
+
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["dino_head"]["out_dim"])
+    except Exception:  # any reason: the summary only loses one reference number
+        return None
+
+
+def summarise_training(run_dir: Path, steps: int) -> dict:
+    train, knn = read_metrics(run_dir)
+    keys = ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "lr")
+    out: dict = {"run_dir": str(run_dir), "steps": steps,
+                 "steps_done": int(train[-1]["step"]) + 1 if train else 0,
+                 "exported": (run_dir / "export").is_dir()}
+    if train:
+        out["first"] = {k: train[0][k] for k in ("step", *keys) if k in train[0]}
+        out["last"] = {k: train[-1][k] for k in ("step", *keys) if k in train[-1]}
+        later = train[1:] or train  # the first logged step includes warm-up and the first batch's wait
+        for key in ("images_per_s", "mfu", "data_time_s", "step_time_s"):
+            values = [r[key] for r in later if isinstance(r.get(key), (int, float))]
+            if values:
+                out[f"median_{key}"] = statistics.median(values)
+        out["peak_memory_gib"] = max(r.get("peak_memory_gib", 0.0) for r in train)
+        out["skipped_steps"] = train[-1].get("skipped_steps", 0)
+    out_dim = _config_out_dim(run_dir)
+    if out_dim:
+        out["uniform_teacher_entropy"] = math.log(out_dim)
+    out["knn"] = [{k.removeprefix("knn/"): v for k, v in r.items() if k == "step" or k.startswith("knn/")}
+                  for r in knn]
+    return out
+
+
+def stage_train(s: Settings, env: dict, deadline: float) -> tuple[dict[str, StageRun], dict]:
+    """A calibration run (a few logged steps, no checkpoint) sizes the real run, which ends with a k-NN on the
+    dataset's val split through the in-training monitor."""
+    runs: dict[str, StageRun] = {}
+    if not (s.data / "train").is_dir() or not (s.data / "val").is_dir():
+        reason = (f"no dataset at {s.data} (train/ and val/ ImageFolders); make it with "
+                  f"python ../shared/tools/small_imagenette.py {s.data} or pass --data")
+        for name in ("train_calibration", "train"):
+            runs[name] = StageRun(name, "skipped", budget_s=s.budgets[name], error=reason)
+        return runs, {}
+    shutil.rmtree(s.work / "train", ignore_errors=True)  # a leftover checkpoint would be resumed
+    section: dict = {"dataset": str(s.data)}
+    steps = s.train_steps
+    if not steps:
+        calibration = 3 if s.quick else 20
+        argv = train_command(s, "calibration", calibration + 1,
+                             [f"total_steps={calibration + 1}", f"stop_after_steps={calibration}", "log_every=1"])
+        run = run_stage("train_calibration", argv, _budget(s, "train_calibration", deadline),
+                        s.logs / "train_calibration.log", env)
+        runs["train_calibration"] = run
+        rows, _ = read_metrics(s.work / "train" / "calibration")
+        step_seconds = [r["step_time_s"] for r in rows if "step_time_s" in r]
+        if run.status != "ok" or not step_seconds:
+            runs["train"] = StageRun("train", "skipped", budget_s=s.budgets["train"],
+                                     error="the calibration run failed")
+            return runs, section
+        startup = max(0.0, run.seconds - sum(step_seconds))
+        budget = min(s.budgets["train"], deadline - time.monotonic())
+        steps, rate = steps_that_fit(step_seconds, startup, budget, skip=1 if s.quick else 5,
+                                     reserve_s=5 if s.quick else 25, low=2 if s.quick else 50,
+                                     high=4 if s.quick else 3000)
+        section["calibration"] = {"steps": calibration, "steps_per_s": rate, "startup_s": startup,
+                                  "median_images_per_s": statistics.median(r["images_per_s"] for r in rows)}
+    monitor = ([f"monitor.train={s.data / 'train'}", f"monitor.val={s.data / 'val'}", f"monitor.every_n_steps={steps}",
+                "monitor.num_workers=0", "monitor.image_size=48", "monitor.k=[5]", "monitor.batch_size=32"]
+               if s.quick else
+               [f"monitor.train={s.data / 'train'}", f"monitor.val={s.data / 'val'}", f"monitor.every_n_steps={steps}",
+                "monitor.num_workers=8", "monitor.image_size=112", "monitor.batch_size=256"])
+    argv = train_command(s, "run", steps, [f"total_steps={steps}", f"log_every={max(1, steps // 40)}", *monitor])
+    run = run_stage("train", argv, _budget(s, "train", deadline), s.logs / "train.log", env)
+    section.update(summarise_training(s.work / "train" / "run", steps))
+    if run.status == "ok" and not (section["steps_done"] == steps and section["exported"] and section["knn"]):
+        run.status, run.error = "failed", "the run ended without all its steps, its export or its k-NN"
+    runs["train"] = run
+    section["command"] = " ".join(argv[1:])
+    return runs, section
+
+
+# -- driver ---------------------------------------------------------------------------------------------------------
+
+
+def _budget(s: Settings, name: str, deadline: float) -> float:
+    return max(0.0, min(s.budgets[name], deadline - time.monotonic() - 2.0))
+
+
+def stage_env_vars() -> dict[str, str]:
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH", "")
+    if str(REPO) not in path.split(os.pathsep):  # the checkout is not installed on the GPU machine
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(REPO)) if p)
+    env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    return env
+
+
+def run_check(s: Settings) -> dict:
+    started = time.monotonic()
+    deadline = started + s.budget_s
+    env = stage_env_vars()
+    stages: dict[str, StageRun] = {}
+    report: dict = {"check": "gpu_check", "ok": False, "device": s.device, "quick": s.quick,
+                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "budget_s": s.budget_s}
+    if "env" in s.stages:
+        stages["env"], found = stage_env(s, env, deadline)
+        for key in ("versions", "imports", "attention", "faiss"):
+            report[key] = found.get(key, {"status": stages["env"].status})
+    if "pytest" in s.stages:
+        stages["pytest"], report["pytest"] = stage_pytest(s, env, deadline)
+    if "bench" in s.stages:
+        report["bench"] = {}
+        for model in s.bench_models:
+            stages[f"bench_{model}"], report["bench"][model] = stage_bench(s, model, env, deadline)
+    if "train" in s.stages:
+        runs, report["train"] = stage_train(s, env, deadline)
+        stages.update(runs)
+    report["stages"] = {name: run.summary() for name, run in stages.items()}
+    report["failed_stages"] = [name for name, run in stages.items() if run.status != "ok"]
+    report["ok"] = not report["failed_stages"]
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether the NVIDIA driver lists a GPU (without importing torch, which may be what is broken)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto: cuda when the NVIDIA driver lists a GPU, else a note to use --device cpu --quick")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: the whole driver in about a minute on CPU")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("GPU_CHECK_DATA", "data/imagenette112")),
+                        help="ImageFolder root with train/ and val/ (env GPU_CHECK_DATA; default data/imagenette112)")
+    parser.add_argument("--work", type=Path, default=Path("runs/gpu_check"), help="run directories and logs")
+    parser.add_argument("--budget-s", type=float, default=470.0, help="the whole check, in seconds")
+    parser.add_argument("--train-steps", type=int, default=0, help="fixed length of the training run (0: calibrate)")
+    parser.add_argument("--stages", nargs="+", choices=["env", "pytest", "bench", "train"],
+                        default=["env", "pytest", "bench", "train"])
+    parser.add_argument("--json-out", type=Path, default=None, help="default: $OUT/gpu_check.json when OUT is set")
+    args = parser.parse_args(argv)
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    json_out = args.json_out or (out_dir / "gpu_check.json" if out_dir else None)
+    if args.device == "auto":
+        if not nvidia_gpu_visible():
+            emit({"check": "gpu_check", "ok": False, "device": None,
+                  "error": "no NVIDIA GPU visible; on a CPU run: bench/gpu_check.py --device cpu --quick"}, json_out)
+            return 2
+        args.device = "cuda"
+    work = (args.work if args.work.is_absolute() else REPO / args.work).resolve()
+    data = (args.data if args.data.is_absolute() else REPO / args.data).resolve()
+    logs = out_dir / "gpu_check_logs" if out_dir else work / "logs"
+    settings = Settings(device=args.device, quick=args.quick, data=data, work=work, logs=logs,
+                        budget_s=args.budget_s, stages=args.stages, train_steps=args.train_steps,
+                        budgets=dict(QUICK_BUDGETS if args.quick else BUDGETS))
+    report = run_check(settings)
+    emit(report, json_out)
+    return 0 if report["ok"] else 1
+
+
+def strict_json(value):
+    """`value` with NaN and infinities as null: JSON has no such numbers and strict readers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def emit(report: dict, json_out: Path | None) -> None:
+    """The summary on stdout (its only output there) and in `json_out`."""
+    text = json.dumps(strict_json(report), indent=2, allow_nan=False)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
