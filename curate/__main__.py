@@ -1,4 +1,5 @@
-"""Command line: `python -m curate run|ingest|embed|dedup|cluster|retrieve|shard|report CONFIG [key=value ...]`."""
+"""Command line: `python -m curate run|STEP CONFIG [key=value ...]`, the steps being those of the registry
+(`curate.steps.STEPS`)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from curate.rundir import STEPS, StepOrderError
+from curate.steps import STEPS, Step, StepOrderError, runner
 
-COMMANDS = ("run", *STEPS)
-EPILOG = """\
-steps, in order:
-  ingest    read the sources; manifest.parquet with one row per input (rejections with reasons)
-  embed     float16 L2-normalised embeddings per partition under embeddings/MODEL/
-  dedup     exact (sha256) and near-duplicate (kNN graph) removal, decontamination against eval sets
-  cluster   hierarchical k-means over the deduplicated pool
-  retrieve  select images: retrieval around seed sets, balanced sampling, or all
-  shard     WebDataset tars of the selected images + shards/index.json
-  report    report/index.html (counts, histograms, image grids)
-  run       every step above; finished steps are skipped
-
+EXAMPLES = """\
 examples:
   python -m curate run configs/curate/cpu_demo.yaml
   python -m curate dedup configs/curate/imagenette.yaml dedup.threshold=0.5
@@ -29,30 +19,41 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def epilog(steps: Sequence[Step]) -> str:
+    """The steps of the registry, in order, one line each, then examples."""
+    width = max(len(s.name) for s in steps) + 2
+    lines = [f"  {s.name:{width}s}{s.help}" for s in steps]
+    lines.append(f"  {'run':{width}s}every step above; finished steps are skipped")
+    return "steps, in order:\n" + "\n".join(lines) + "\n\n" + EXAMPLES
+
+
+def build_parser(steps: Sequence[Step] = STEPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m curate", description="Curate an image pool into WebDataset "
-                                     "shards (the DINOv2 LVD-142M data engine).", epilog=EPILOG,
+                                     "shards (the DINOv2 LVD-142M data engine).", epilog=epilog(steps),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="a step, or `run` for all of them")
+    parser.add_argument("command", choices=["run", *(s.name for s in steps)], help="a step, or `run` for all of them")
     parser.add_argument("config", help="YAML config (configs/curate/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. partitions=64")
+    partitioned = ", ".join(s.name for s in steps if s.partitioned)
     parser.add_argument("--partitions", default=None, metavar="LIST",
-                        help="embed, dedup and shard only: partitions to process, e.g. 3 or 0-7 or 1,4 "
+                        help=f"{partitioned} only: partitions to process, e.g. 3 or 0-7 or 1,4 "
                         "(default: all); the step completes in the call that finds every partition done")
     parser.add_argument("--force", action="store_true", help="redo the step(s) even when their marker is current")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # options may follow the key=value overrides
-    # Imports after parsing, so `--help` answers without loading pyarrow/torch.
+def main(argv: Sequence[str] | None = None, steps: Sequence[Step] = STEPS) -> int:
+    """`python -m curate`; `steps` is the registry it runs (a test may pass its own)."""
+    args = build_parser(steps).parse_intermixed_args(argv)  # options may follow the key=value overrides
+    # After parsing, so that `--help` answers without loading the step configs.
     from curate.config import load_curate_config
     from curate.errors import CurateError
     from curate.partition import parse_partition_list
-    from curate.steps import PARTITIONED_STEPS, run_all, run_step
     from dinoforge.config import ConfigError
-    from dinoforge.models import CheckpointError
+    from dinoforge.errors import CheckpointError
     from dinoforge.run_logging import setup_logging
+
+    partitioned = [s.name for s in steps if s.partitioned]
 
     try:
         cfg = load_curate_config(args.config, args.overrides)
@@ -61,14 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       level=cfg.log_level)
         if args.command == "run":
             if args.partitions is not None:
-                print("--partitions applies to a single step (embed, dedup or shard), not to `run`", file=sys.stderr)
+                print(f"--partitions applies to a single step ({', '.join(partitioned)}), not to `run`",
+                      file=sys.stderr)
                 return 2
-            results = run_all(cfg, force=args.force)
+            results = runner.run_all(steps, cfg, force=args.force)
         else:
             parts = None
             if args.partitions is not None:
-                if args.command not in PARTITIONED_STEPS:
-                    print(f"--partitions applies to {', '.join(PARTITIONED_STEPS)} only", file=sys.stderr)
+                if args.command not in partitioned:
+                    print(f"--partitions applies to {', '.join(partitioned)} only", file=sys.stderr)
                     return 2
                 if args.force:
                     print("--force with --partitions would discard the partitions other tasks finished; force the "
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except ValueError as err:
                     print(f"--partitions: {err}", file=sys.stderr)
                     return 2
-            results = [run_step(args.command, cfg, parts, force=args.force)]
+            results = [runner.run_step(steps, args.command, cfg, parts, force=args.force)]
     # User errors (config, inputs, run directory, file system) get one line; anything else is a bug: traceback.
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -21,13 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 
 from curate.faiss_device import resolve_use_gpu
 from curate.knn_graph import as_float32, knn_search
 
 log = logging.getLogger(__name__)
+# faiss is imported where it is called: curation's config imports this module, and ingest runs without faiss.
 
 SAMPLING_STRATEGIES = ("closest", "random")
 
@@ -88,6 +88,7 @@ def spherical_kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, max
 
     `k` larger than the number of rows is lowered to it (with a warning); faiss needs a point per centroid.
     """
+    import faiss
     x = np.asarray(x)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"k-means needs a non-empty [n, dim] array, got shape {x.shape}")

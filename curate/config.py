@@ -12,7 +12,7 @@ from pathlib import Path
 
 from curate.cluster import ClusterConfig
 from curate.dedup import DedupConfig
-from curate.embed import EmbedConfig, default_thresholds
+from curate.embed_config import EmbedConfig, default_thresholds
 from curate.ingest import IngestConfig, SourceConfig
 from curate.report import ReportConfig
 from curate.retrieve import RetrieveConfig

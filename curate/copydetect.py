@@ -45,9 +45,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from curate.embed_config import COPYDETECT_THRESHOLDS
+
 VERSION = "v1"
-RECOMMENDED_THRESHOLD = 0.8  # dedup cosine for this descriptor (DINOv2's 0.6 is for SSCD features)
-RECOMMENDED_EVAL_THRESHOLD = 0.75  # decontamination cosine for this descriptor (DINOv2's 0.45 likewise)
+# dedup and decontamination cosines for this descriptor (DINOv2's 0.6 / 0.45 are for SSCD features)
+RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD = COPYDETECT_THRESHOLDS
 
 
 def dct_matrix(n: int) -> torch.Tensor:

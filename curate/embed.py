@@ -16,69 +16,29 @@ Kinds:
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-from curate.decode import to_rgb
+from curate.embed_config import KINDS, EmbedConfig
 from dinoforge.config import ConfigError
+from dinoforge.data.decode import decode_image as decode_pixels
+from dinoforge.data.decode import to_rgb
 from dinoforge.launch import resolve_device
+from dinoforge.models.loading import RANDOM_WEIGHTS, is_run_directory, load_backbone
 from dinoforge.precision import autocast
 
 log = logging.getLogger(__name__)
-
-KINDS = ("dinov2", "open_clip", "random_vit", "copydetect")
-# DINOv2's dedup / decontamination cosines (Oquab et al. 2023), chosen for SSCD copy-detection network features; the
-# default for the network embeddings. The weight-free copydetect descriptor has its own (see `default_thresholds`).
-NETWORK_THRESHOLDS = (0.6, 0.45)
-
-
-def default_thresholds(kind: str) -> tuple[float, float]:
-    """(dedup, decontamination) cosine thresholds that fit an embedding of `kind`: the defaults of `dedup.threshold`
-    and `dedup.eval_threshold`. Unrelated photos sit near cosine 0.6 under copydetect, so DINOv2's 0.6 would remove
-    most of a pool there."""
-    if kind == "copydetect":
-        from curate.copydetect import RECOMMENDED_EVAL_THRESHOLD, RECOMMENDED_THRESHOLD
-
-        return RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD
-    return NETWORK_THRESHOLDS
-
-
-@dataclass
-class EmbedConfig:
-    """Which embedding the curation run computes (one folder per embedder under embeddings/)."""
-
-    kind: str = "copydetect"  # dinov2 | open_clip | random_vit | copydetect
-    arch: str = "vit_small"  # dinov2 / random_vit: a dinoforge.models factory name
-    patch_size: int = 14
-    num_register_tokens: int = 0
-    ffn_layer: str = "mlp"  # "swiglufused" for the official ViT-g
-    weights: str = ""  # dinov2: a pretrain run directory, or a checkpoint / release / official weights file
-    open_clip_model: str = "ViT-B-32"  # open_clip: architecture name
-    open_clip_pretrained: str = ""  # open_clip: local weights file
-    image_size: int = 224  # network input side (resize shorter side, centre crop)
-    batch_size: int = 64
-    num_workers: int = 4  # decoding threads; 0 decodes in the calling thread
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    seed: int = 0  # random_vit initialisation
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"embed.kind={self.kind!r}: use one of {', '.join(KINDS)}")
-        if self.batch_size < 1 or self.num_workers < 0 or self.image_size < 16:
-            raise ValueError("embed.batch_size must be >= 1, embed.num_workers >= 0 and embed.image_size >= 16")
-
 
 class Embedder:
     """A named function from decoded images to float16, L2-normalised vectors."""
@@ -115,39 +75,24 @@ class Embedder:
 
 def vit_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Evaluation's transform at `image_size`: resize the shorter side (bicubic), centre crop, ImageNet-normalise."""
-    from evaluation.config import EvalTransformConfig
-    from evaluation.transform import make_eval_transform
+    from dinoforge.data.transforms import EvalTransformConfig, make_eval_transform
 
     return make_eval_transform(EvalTransformConfig(resize_size=image_size, crop_size=image_size))
 
 
 def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> Embedder:
-    from dinoforge.models import build_vit, load_pretrained
-
-    if pretrained and not cfg.weights:
+    if pretrained and (not cfg.weights or cfg.weights == RANDOM_WEIGHTS):
         raise ConfigError("embed.kind=dinov2 needs embed.weights: a pretrain run directory, or a checkpoint, "
                           "release or official DINOv2 file")
-    if pretrained and Path(cfg.weights).is_dir():
-        from dinoforge.models.export_reader import load_exported_backbone
-
-        # our own pretrain run: its model config sets the architecture, the embed.arch fields are not used
-        model = load_exported_backbone(cfg.weights).to(device)
-        name = f"dinov2-run-{Path(cfg.weights).resolve().name}-{cfg.image_size}"
-        return Embedder(name, model.embed_dim, vit_transform(cfg.image_size), model, device, cfg.image_size)
-    if pretrained and not Path(cfg.weights).is_file():
-        raise FileNotFoundError(f"embed.weights={cfg.weights!r}: no such file or pretrain run directory")
-    # fork_rng: a random-init model depends on cfg.seed only, and the caller's RNG stream is left as it was
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_vit(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size,
-                          num_register_tokens=cfg.num_register_tokens, ffn_layer=cfg.ffn_layer)
-    if pretrained:
-        # Official weights carry a 518 px position grid: interpolate it once to our input size.
-        load_pretrained(model, cfg.weights, ignore_heads=True, interpolate_pos_embed=True)
-        name = f"dinov2-{cfg.arch}{cfg.patch_size}-{Path(cfg.weights).stem}-{cfg.image_size}"
-    else:
+    # Official weights carry a 518 px position grid: built at the input size, the file's grid is interpolated once.
+    model_cfg = replace(cfg, img_size=cfg.image_size, weights=cfg.weights if pretrained else RANDOM_WEIGHTS)
+    model = load_backbone(model_cfg, key="embed.weights", interpolate_pos_embed=True).to(device)
+    if not pretrained:
         name = f"random_vit-{cfg.arch}{cfg.patch_size}-seed{cfg.seed}-{cfg.image_size}"
-    model.eval().to(device)
+    elif is_run_directory(cfg.weights):  # our own pretrain run: its model config sets the architecture
+        name = f"dinov2-run-{Path(cfg.weights).resolve().name}-{cfg.image_size}"
+    else:
+        name = f"dinov2-{cfg.arch}{cfg.patch_size}-{Path(cfg.weights).stem}-{cfg.image_size}"
     return Embedder(name, model.embed_dim, vit_transform(cfg.image_size), model, device, cfg.image_size)
 
 
@@ -183,19 +128,16 @@ def build_embedder(cfg: EmbedConfig) -> Embedder:
     raise ValueError(f"embed.kind={cfg.kind!r}: use one of {', '.join(KINDS)}")
 
 
-def decode_image(item: Image.Image | bytes | bytearray | memoryview, draft_size: int | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image or encoded bytes (EXIF orientation applied; alpha and 16-bit greyscale
-    converted as the report shows them, by `curate.decode.to_rgb`)."""
+def decode_image(item: Image.Image | bytes | bytearray | memoryview, draft_size: int | None = None,
+                 max_pixels: int | None = None) -> Image.Image:
+    """An RGB PIL image from a PIL image or encoded bytes, by the one decoder under its default policy
+    (`dinoforge.data.decode`: EXIF orientation, alpha on white, 16-bit greyscale scaled), so curation embeds the
+    pixels training and evaluation see. `draft_size` lets JPEGs decode downscaled (kept at least that large)."""
     if isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, bytes | bytearray | memoryview):
-        image = Image.open(io.BytesIO(item))
-        if draft_size and image.format == "JPEG":
-            # DCT-domain downscaling while decoding; draft keeps the image at least this large.
-            image.draft("RGB", (draft_size, draft_size))
-    else:
-        raise TypeError(f"expected a PIL image or encoded bytes, got {type(item).__name__}")
-    return to_rgb(ImageOps.exif_transpose(image))
+        return to_rgb(item)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return decode_pixels(bytes(item), draft_size=draft_size, max_pixels=max_pixels)
+    raise TypeError(f"expected a PIL image or encoded bytes, got {type(item).__name__}")
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:
@@ -210,8 +152,9 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 def embed_images(embedder: Embedder, images: Iterable[Image.Image | bytes], batch_size: int = 64,
-                 num_workers: int = 4, progress: bool = True) -> np.ndarray:
-    """float16 [N, dim] L2-normalised embeddings of `images`, in order.
+                 num_workers: int = 4, progress: bool = True, max_pixels: int | None = None) -> np.ndarray:
+    """float16 [N, dim] L2-normalised embeddings of `images`, in order; `max_pixels` is ingest's limit (the images
+    passed it there, so embedding must not refuse them under a lower default).
 
     Decoding and transforms run `num_workers` threads ahead of the model (two batches prefetched).
     """
@@ -219,7 +162,7 @@ def embed_images(embedder: Embedder, images: Iterable[Image.Image | bytes], batc
 
     def prepare(position: int, item) -> torch.Tensor:
         try:
-            return embedder.transform(decode_image(item, draft))
+            return embedder.transform(decode_image(item, draft, max_pixels))
         except Exception as err:  # name the failing input: the batch alone does not say which one it was
             raise ValueError(f"image #{position} of the input cannot be embedded: {type(err).__name__}: {err}. "
                              "Inputs should pass ingest's decoding checks first") from err

@@ -20,11 +20,15 @@ import logging
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
+if TYPE_CHECKING:
+    import faiss
+
 log = logging.getLogger(__name__)
+# faiss is imported in the functions that call it: curation's config imports this module, and ingest runs without it.
 
 NO_GPU_SUPPORT = "faiss has no GPU support (a CPU-only build)"
 NO_GPU = "faiss sees no GPU"
@@ -39,6 +43,7 @@ class FaissGpuSmokeError(RuntimeError):
 def to_all_gpus(cpu_index: faiss.Index, shard: bool = True) -> faiss.Index:
     """`cpu_index` copied onto all visible GPUs; `shard`: each GPU holds a slice of the database (memory scales with
     the number of GPUs), else each holds a full replica."""
+    import faiss
     options = faiss.GpuMultipleClonerOptions()
     options.shard = shard
     return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
@@ -55,6 +60,7 @@ def _exception_text(e: BaseException) -> str:
 
 
 def _check_flat_search(rng: np.random.Generator, n_gpus: int) -> None:
+    import faiss
     d, k = 32, 8
     xb = _unit(rng.standard_normal((512, d)))
     xq = _unit(xb[:64] + 0.05 * rng.standard_normal((64, d)))  # each query's nearest row is the one it was made from
@@ -77,6 +83,7 @@ def _check_flat_search(rng: np.random.Generator, n_gpus: int) -> None:
 
 
 def _check_kmeans(rng: np.random.Generator, n_gpus: int) -> None:
+    import faiss
     d, k = 32, 4
     centres = _unit(rng.standard_normal((k, d)))
     x = _unit(np.repeat(centres, 64, axis=0) + 0.1 * rng.standard_normal((64 * k, d)))
@@ -99,6 +106,7 @@ def _check_kmeans(rng: np.random.Generator, n_gpus: int) -> None:
 def gpu_smoke() -> str:
     """Run faiss on every visible GPU: a flat inner-product search and a small spherical k-means, each compared with
     faiss on the CPU. Returns a one-line summary; raises `FaissGpuSmokeError` with the reason when one fails."""
+    import faiss
     if not hasattr(faiss, "StandardGpuResources"):
         raise FaissGpuSmokeError(NO_GPU_SUPPORT)
     try:
@@ -150,6 +158,7 @@ def _smoke_in_child(script: str = __file__, timeout_s: float = SMOKE_TIMEOUT_S) 
 def faiss_gpu_status() -> tuple[bool, str]:
     """(ok, reason), computed once per process: ok when faiss on GPU passed `gpu_smoke`, in a child process and then
     in this one. `reason` says what ran, or why not, in the library's words where it raised."""
+    import faiss
     if not hasattr(faiss, "StandardGpuResources"):
         return False, NO_GPU_SUPPORT
     failed = _smoke_in_child()
@@ -213,6 +222,8 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
 
 
 if __name__ == "__main__":
+    import faiss
+
     # The child of `_smoke_in_child`: exit 0 when the smoke passed, else the reason on stdout and exit 1. The
     # arguments after this script name modules the parent has loaded (torch); they are imported before the GPU work,
     # and only when there is a GPU: a machine without one does not pay seconds for them.

@@ -16,7 +16,9 @@ from tqdm import tqdm
 from curate.decode import DecodeLimits, ImageProbe, probe_image
 from curate.manifest import new_manifest
 from curate.partition import partition_of
-from curate.sources import FILELIST_SUFFIXES, TAR_SUFFIXES, RawInput, SourceError, make_uid, read_source
+from curate.sources import RawInput, SourceError, make_uid, read_source
+from dinoforge.data.dataset_spec import TAR_SUFFIXES
+from dinoforge.data.file_list import FILE_LIST_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def source_name(src: SourceConfig) -> str:
         return src.name
     last = src.path.rstrip("/").split("/")[-1] or src.path
     stem = last.split("{")[0].rstrip("-_.") or last
-    for suffix in (*TAR_SUFFIXES, *FILELIST_SUFFIXES):
+    for suffix in (*TAR_SUFFIXES, *FILE_LIST_SUFFIXES):
         if stem.lower().endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
     return stem

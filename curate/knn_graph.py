@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from curate.faiss_device import gpu_available, resolve_use_gpu, to_all_gpus  # noqa: F401
 
 log = logging.getLogger(__name__)
+# faiss is imported where it is called: curation's config imports this module, and ingest runs without faiss.
 
 DEFAULT_CHUNK = 16384  # queries per faiss call: [chunk, k] float32 + int64 results, about 12 MB at k=64
 GPU_MAX_K = 2048  # faiss GPU brute-force search supports k <= 2048
@@ -40,6 +40,7 @@ class FlatIPIndex:
     """An exact inner-product index over `xb`, on all visible GPUs (sharded) or on the CPU."""
 
     def __init__(self, xb: np.ndarray, use_gpu: bool | str = "auto") -> None:
+        import faiss
         xb = as_float32(xb, "database embeddings")
         self.ntotal, self.dim = xb.shape
         self.on_gpu = resolve_use_gpu(use_gpu)

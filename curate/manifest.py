@@ -109,15 +109,6 @@ def set_columns(table: pa.Table, columns: dict[str, pa.Array | Sequence], schema
     return table
 
 
-def owning_step(column: str) -> str | None:
-    """The step that writes `column`: dedup, cluster or retrieve (None: ingest's columns and the derived status)."""
-    if column in DEDUP_SCHEMA.names:
-        return "dedup"
-    if column.startswith(CLUSTER_PREFIX):
-        return "cluster"
-    return "retrieve" if column in RETRIEVE_SCHEMA.names else None
-
-
 def drop_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
     """`table` without the columns in `names` that it has."""
     return table.drop_columns([n for n in names if n in table.column_names])

@@ -6,9 +6,9 @@ covers whichever steps have run, so it is useful after ingest alone as well as a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,10 @@ import pyarrow as pa
 from curate.decode import DecodeLimits
 from curate.manifest import STATUSES, cluster_columns, read_manifest
 from curate.report_html import Tile, grid, group, histogram_svg, page, section, table
-from curate.rundir import STEPS, RunDir
-from curate.shards import INDEX_NAME
+from curate.rundir import RunDir
 from curate.sources import SampleReader
 from dinoforge.atomic import atomic_write_text
+from dinoforge.data.shard_index import INDEX_NAME, read_index
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class ReportConfig:
 
 
 def write_report(run: RunDir, cfg: ReportConfig, limits: DecodeLimits, dedup_threshold: float | None = None,
-                 eval_threshold: float | None = None) -> Path:
-    """Render report/index.html for the run at `run` and return its path."""
+                 eval_threshold: float | None = None, steps: Sequence[str] = ()) -> Path:
+    """Render report/index.html for the run at `run` and return its path; `steps` (the pipeline's, in order) are
+    listed with their markers."""
     table_ = read_manifest(run.manifest)
     rows = table_.to_pylist()
     by_uid = {r["uid"]: r for r in rows}
@@ -48,7 +49,7 @@ def write_report(run: RunDir, cfg: ReportConfig, limits: DecodeLimits, dedup_thr
     thumbs = _Thumbs(reader, by_uid, cfg, limits)
     try:
         body = [
-            _counts_section(run, rows, pool),
+            _counts_section(run, rows, pool, steps),
             _rejections_section(rows),
             _similarity_section(pool, dedup_threshold, eval_threshold),
             _cluster_hist_section(table_),
@@ -85,7 +86,7 @@ class _Thumbs:
         return grid(tiles, self.cfg.thumb_size, self.limits)
 
 
-def _counts_section(run: RunDir, rows: list[dict], pool: list[dict]) -> str:
+def _counts_section(run: RunDir, rows: list[dict], pool: list[dict], steps: Sequence[str]) -> str:
     status = Counter(r["status"] for r in pool)
     dup_kind = Counter(r["duplicate_kind"] for r in pool if r["status"] == "duplicate")
     lines = [("pool inputs", len(pool))]
@@ -99,22 +100,22 @@ def _counts_section(run: RunDir, rows: list[dict], pool: list[dict]) -> str:
             n_ok = sum(r["status"] == "ok" for r in refs)
             lines.append((f"{role} inputs (ok / rejected)", f"{n_ok:,} / {len(refs) - n_ok:,}"))
     counts = table(["", "rows"], lines)
-    steps = []
-    for step in STEPS:
+    step_rows = []
+    for step in steps:
         marker = run.read_marker(step)
         if marker:
             summary = ", ".join(f"{k}={v}" for k, v in sorted(marker.get("summary", {}).items())
                                 if not isinstance(v, dict | list))
-            steps.append((step, marker.get("finished_at", ""), float(marker.get("elapsed_s", 0.0)), summary))
+            step_rows.append((step, marker.get("finished_at", ""), float(marker.get("elapsed_s", 0.0)), summary))
         else:
-            steps.append((step, "not run", "", ""))
+            step_rows.append((step, "not run", "", ""))
     shards_note = ""
-    index = run.shards / INDEX_NAME
-    if index.is_file():
-        doc = json.loads(index.read_text())
-        shards_note = (f"<p>{doc['n_shards']} shards, {doc['total_samples']:,} samples, "
-                       f"{doc['total_bytes']:,} bytes.</p>")
-    return section("Counts per step", counts + table(["step", "finished", "seconds", "summary"], steps) + shards_note,
+    if (run.shards / INDEX_NAME).is_file():
+        index = read_index(run.shards)
+        total_bytes = sum(s.bytes for s in index.shards)
+        shards_note = f"<p>{len(index.shards)} shards, {index.total_samples:,} samples, {total_bytes:,} bytes.</p>"
+    steps_table = table(["step", "finished", "seconds", "summary"], step_rows)
+    return section("Counts per step", counts + steps_table + shards_note,
                    "Every input is one manifest row: inputs = selected + rejected + duplicate + contaminated + "
                    "not_selected.")
 

@@ -7,6 +7,9 @@ changed gives a new id, so everything after it is redone. A step whose marker ma
 does not match (its config, or an upstream result, changed) is redone, and a step that runs removes the markers
 of the steps after it, which rebuild their manifest columns. Non-semantic knobs (batch size, workers, device) are
 left out of the fingerprints, so changing them redoes nothing.
+
+This module knows files, not steps: which steps read which is the registry's (`curate.steps`), and the runner
+(`curate.steps.runner`) computes the fingerprints and invalidates the steps after the one that runs.
 """
 
 from __future__ import annotations
@@ -17,54 +20,17 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
 from dinoforge.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-STEPS = ("ingest", "embed", "dedup", "cluster", "retrieve", "shard", "report")
-# Steps whose outputs each step reads.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "embed": ("ingest",),
-    "dedup": ("embed",),
-    "cluster": ("dedup",),
-    "retrieve": ("cluster",),
-    "shard": ("retrieve",),
-    "report": ("ingest", "embed", "dedup", "cluster", "retrieve", "shard"),  # whichever have run
-}
-PERFORMANCE_KEYS = {"batch_size", "num_workers", "device", "chunksize", "use_gpu"}
-
-
-def downstream(step: str) -> list[str]:
-    """The steps that read `step`'s outputs, directly or through other steps, in pipeline order."""
-    after: set[str] = set()
-    for other in STEPS:  # STEPS is in pipeline order, so one pass sees every step's readers after the step
-        if step in UPSTREAM[other] or after & set(UPSTREAM[other]):
-            after.add(other)
-    return [s for s in STEPS if s in after]
-
-
-class StepOrderError(CurateError, RuntimeError):
-    """A step was asked to run before the steps it reads from."""
 
 
 def fingerprint(payload: Any) -> str:
     """Short sha256 of a JSON-serialisable payload (keys sorted)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def semantic(config_section: Any) -> Any:
-    """`config_section` (a dict tree) without the keys that only change speed."""
-    if isinstance(config_section, dict):
-        return {k: semantic(v) for k, v in config_section.items() if k not in PERFORMANCE_KEYS}
-    if isinstance(config_section, list):
-        return [semantic(v) for v in config_section]
-    return config_section
 
 
 class RunDir:
@@ -112,28 +78,6 @@ class RunDir:
         except json.JSONDecodeError:
             return None  # a marker is written atomically, so this is a foreign file: treat the step as not done
 
-    def expected_fingerprint(self, step: str, sections: Callable[[str], Any], required: bool = True) -> str:
-        """What `step`'s marker must hold to be current: a hash of its config section and of the *current*
-        fingerprints of the steps it reads (so a change anywhere upstream changes every step after it).
-
-        `sections(step)` gives the config section of any step. An upstream step that has not run, or whose marker
-        is out of date, is a StepOrderError when `required`; otherwise it is left out (the report covers whatever
-        has run).
-        """
-        upstream = {}
-        for up in UPSTREAM[step]:
-            marker = self.read_marker(up)
-            current = marker is not None and marker.get("fingerprint") == self.expected_fingerprint(
-                up, sections, required=required)
-            if not current:
-                if required:
-                    state = "has not run" if marker is None else "is out of date (its config or inputs changed)"
-                    raise StepOrderError(f"step {step!r} needs step {up!r} first, which {state}: run "
-                                         f"`python -m curate {up} CONFIG` (or `run` for every step)")
-                continue
-            upstream[up] = marker.get("output", marker["fingerprint"])
-        return fingerprint({"step": step, "config": semantic(sections(step)), "upstream": upstream})
-
     def is_done(self, step: str, expected: str) -> bool:
         """True when the marker exists and matches; logs why a stale marker is being ignored."""
         marker = self.read_marker(step)
@@ -152,13 +96,6 @@ class RunDir:
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(time.time() - started, 3),
                "summary": summary}
         return atomic_write_json(self.marker(step), doc)
-
-    def invalidate_downstream(self, step: str) -> None:
-        """Remove the markers of every step after `step` (it is about to rewrite what they read)."""
-        for later in downstream(step):
-            if self.marker(later).exists():
-                log.info("step %s runs: step %s will be redone", step, later)
-                self.marker(later).unlink(missing_ok=True)
 
     def prepare_output(self, folder: Path, expected: str, fresh: bool = False) -> None:
         """Create `folder` for a step's outputs; partial outputs of an older fingerprint (or any, when `fresh`: a

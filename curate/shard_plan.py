@@ -12,10 +12,11 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from curate.decode import EXTENSION_OF_FORMAT
 from curate.manifest import CLUSTER_PREFIX
-from curate.shards import ShardInfo, plan_shards, shard_name
+from curate.shards import plan_shards, shard_name
 from dinoforge.atomic import atomic_write_json
+from dinoforge.data.formats import EXTENSION_OF_FORMAT
+from dinoforge.data.shard_index import ShardEntry
 from dinoforge.hashing import file_sha256
 
 PARTS_DIR = "_parts"  # shards/_parts/NNNNNN.json: the index entry of each finished shard
@@ -53,25 +54,25 @@ def image_extension(row: dict) -> str:
     return EXTENSION_OF_FORMAT.get(row["format"], "img")
 
 
-def finished_shard(shards_dir: Path, prefix: str, number: int, partition: int, count: int) -> ShardInfo | None:
+def finished_shard(shards_dir: Path, prefix: str, number: int, partition: int, count: int) -> ShardEntry | None:
     """The index entry of shard `number` when it is complete with `count` samples, else None (write it)."""
     path = shards_dir / shard_name(prefix, number)
     part = shards_dir / PARTS_DIR / f"{number:06d}.json"
     if not path.is_file():
         return None
     if part.is_file():
-        info = ShardInfo(**json.loads(part.read_text()))
+        info = ShardEntry(**json.loads(part.read_text()))
         return info if info.count == count and info.bytes == path.stat().st_size else None
     # Killed between the shard's rename and the write of its entry: rebuild the entry from the shard itself.
     with tarfile.open(path) as tar:
         keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
     if len(keys) != count:
         return None
-    info = ShardInfo(path.name, count, path.stat().st_size, file_sha256(path), partition, keys[0], keys[-1])
+    info = ShardEntry(path.name, count, path.stat().st_size, file_sha256(path), partition, keys[0], keys[-1])
     record_shard(shards_dir, number, info)
     return info
 
 
-def record_shard(shards_dir: Path, number: int, info: ShardInfo) -> None:
+def record_shard(shards_dir: Path, number: int, info: ShardEntry) -> None:
     """Store a finished shard's index entry (atomic)."""
     atomic_write_json(shards_dir / PARTS_DIR / f"{number:06d}.json", asdict(info))

@@ -3,23 +3,22 @@
 Shards are planned before any is written (consecutive samples of one partition, cut by count and payload bytes,
 numbered globally), so Slurm array tasks can write their partitions' shards independently, a rerun skips the shards
 that exist, and an interrupted run ends with the same bytes as an uninterrupted one (fixed tar header fields).
+The index they are listed in (`shards/index.json`) has its schema in `dinoforge.data.shard_index`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from dinoforge.atomic import atomic_write_json, temporary_sibling
+from dinoforge.atomic import temporary_sibling
+from dinoforge.data.shard_index import ShardEntry, read_index
 from dinoforge.hashing import file_sha256
-
-INDEX_NAME = "index.json"
 
 
 @dataclass
@@ -29,19 +28,6 @@ class ShardConfig:
     max_count: int = 10_000  # samples per shard
     max_bytes: int = 1 << 30  # payload bytes per shard (image + JSON members, tar headers not counted)
     prefix: str = "curated"  # shards/<prefix>-000000.tar
-
-
-@dataclass
-class ShardInfo:
-    """One finished shard, as listed in shards/index.json."""
-
-    file: str
-    count: int
-    bytes: int  # size of the tar file
-    sha256: str
-    partition: int
-    first_key: str
-    last_key: str
 
 
 class _HashingWriter(io.RawIOBase):
@@ -90,14 +76,14 @@ class ShardWriter:
         self.count += 1
         self._keys.append(key)
 
-    def close(self) -> ShardInfo:
+    def close(self) -> ShardEntry:
         """Finish the tar and rename it to its final name; returns its index entry."""
         self._tar.close()
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self.tmp, self.path)
-        return ShardInfo(self.path.name, self.count, self._hashing.size, self._hashing.digest.hexdigest(),
+        return ShardEntry(self.path.name, self.count, self._hashing.size, self._hashing.digest.hexdigest(),
                          self.partition, self._keys[0] if self._keys else "", self._keys[-1] if self._keys else "")
 
     def abort(self) -> None:
@@ -136,30 +122,10 @@ def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
 
 
-def write_index(shards_dir: str | Path, infos: Sequence[ShardInfo], extra: dict | None = None) -> Path:
-    """Write shards/index.json (shard files, counts, sizes, checksums) atomically."""
-    out = Path(shards_dir) / INDEX_NAME
-    doc = {
-        "format": "webdataset",
-        "total_samples": sum(i.count for i in infos),
-        "total_bytes": sum(i.bytes for i in infos),
-        "n_shards": len(infos),
-        **(extra or {}),
-        "shards": [asdict(i) for i in infos],
-    }
-    return atomic_write_json(out, doc)
-
-
-def read_index(shards_dir: str | Path) -> list[ShardInfo]:
-    """The shard entries of shards/index.json."""
-    doc = json.loads((Path(shards_dir) / INDEX_NAME).read_text())
-    return [ShardInfo(**entry) for entry in doc["shards"]]
-
-
 def verify_shards(shards_dir: str | Path) -> list[str]:
     """Problems found when checking every shard of index.json against its size and checksum (empty when fine)."""
     problems = []
-    for info in read_index(shards_dir):
+    for info in read_index(shards_dir).shards:
         path = Path(shards_dir) / info.file
         if not path.is_file():
             problems.append(f"{info.file}: missing")

@@ -1,6 +1,8 @@
 """Readers for image sources: folders, tar files, WebDataset shards and file lists of local paths.
 
-Every reader yields one `RawInput` per input sample, in a deterministic order, with the sample's bytes or a
+Layout detection, file-list parsing, tar-member validation and WebDataset keys are the shared ones of
+`dinoforge.data`; what curate adds is that every entry becomes a row. Every reader yields one `RawInput` per input
+sample, in a deterministic order, with the sample's bytes or a
 `reject_reason` when the bytes cannot be read safely (unreadable file or tar member, a member path escaping the tar,
 links, oversize files, a truncated archive). Readers never raise on bad inputs; a missing or unrecognisable source is
 a configuration error and raises `SourceError`.
@@ -8,26 +10,24 @@ a configuration error and raises `SourceError`.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
-import posixpath
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from braceexpand import braceexpand
-
 from curate.errors import CurateError
+from dinoforge.data.dataset_spec import detect_layout, shard_paths
+from dinoforge.data.errors import DatasetError
+from dinoforge.data.file_list import read_file_list
+from dinoforge.data.formats import image_member
+from dinoforge.data.tar_members import member_problem, split_key
 
 SOURCE_KINDS = ("auto", "folder", "tar", "webdataset", "filelist")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-FILELIST_SUFFIXES = (".txt", ".lst", ".list")
-# WebDataset member extensions (after the key's first dot) that hold the image of a sample, in order of preference.
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder source of WebDataset shards holds
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+# The shared layout detection's names -> curate's reader kinds ("tar": every member is an input of its own).
+KIND_OF_LAYOUT = {"folder": "folder", "tar": "tar", "filelist": "filelist", "shards": "webdataset"}
 
 
 class SourceError(CurateError, ValueError):
@@ -57,22 +57,15 @@ def make_uid(source: str, locator: str) -> str:
 
 
 def guess_kind(path: str) -> str:
-    """The reader kind for a source path when its config says `auto`."""
-    if "{" in path and "}" in path:
-        return "webdataset"
-    p = Path(path)
-    if not p.exists():
+    """The reader kind for a source path when its config says `auto` (`dinoforge.data.dataset_spec.detect_layout`)."""
+    if not Path(path).exists() and "{" not in path:
         raise SourceError(f"source path {path!r} does not exist (relative paths start at the working directory "
                           f"{os.getcwd()})")
-    if p.is_dir():
-        return "folder"
-    lower = p.name.lower()
-    if lower.endswith(TAR_SUFFIXES):
-        return "tar"
-    if lower.endswith(FILELIST_SUFFIXES):
-        return "filelist"
-    raise SourceError(f"cannot guess the kind of source {path!r}: set `kind` to one of folder, tar, webdataset, "
-                      "filelist")
+    try:
+        return KIND_OF_LAYOUT[detect_layout(path)]
+    except (DatasetError, FileNotFoundError) as err:
+        raise SourceError(f"cannot guess the kind of source {path!r} ({err}): set `kind` to one of folder, tar, "
+                          "webdataset, filelist") from None
 
 
 def read_source(path: str, kind: str, name: str, max_bytes: int) -> Iterator[RawInput]:
@@ -132,21 +125,16 @@ def _unlisted_rows(errors: list[OSError], base: Path, name: str) -> Iterator[Raw
 
 
 def read_filelist(list_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
-    """One local path per line (relative paths are relative to the list's folder); blank and # lines are skipped."""
-    lp = Path(list_path)
-    if not lp.is_file():
+    """The files a file list names (`dinoforge.data.file_list`; labels are not used here); locator = the path as
+    written."""
+    if not Path(list_path).is_file():
         raise SourceError(f"source {name!r}: file list {list_path!r} does not exist or is not a file")
     try:
-        text = lp.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SourceError(f"source {name!r}: {list_path!r} is not a file list (not UTF-8 text at byte {err.start}); "
-                          "a file list holds one image path per line") from None
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        target = Path(entry) if os.path.isabs(entry) else lp.parent / entry
-        yield _read_file(target, name, entry, max_bytes)
+        entries = read_file_list(list_path)
+    except DatasetError as err:
+        raise SourceError(f"source {name!r}: {err}") from None
+    for entry in entries:
+        yield _read_file(entry.path, name, entry.entry, max_bytes)
 
 
 def read_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
@@ -185,34 +173,24 @@ def read_webdataset(spec: str, name: str, max_bytes: int) -> Iterator[RawInput]:
 
 
 def expand_shards(spec: str, name: str) -> list[str]:
-    """Shard paths named by a brace pattern, glob, folder of tars, or a single tar."""
-    if Path(spec).is_dir():
-        shards = sorted(str(p) for p in Path(spec).iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
-    else:
-        shards = []
-        for pattern in braceexpand(spec):
-            shards.extend(sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern])
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise SourceError(f"source {name!r}: {len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]!r}")
-    if not shards:
-        raise SourceError(f"source {name!r}: no WebDataset shards match {spec!r}")
-    return shards
+    """Shard paths named by a brace pattern, glob, folder of tars, curate shard index, or a single tar."""
+    try:
+        return shard_paths(spec)
+    except (DatasetError, FileNotFoundError) as err:
+        raise SourceError(f"source {name!r}: {err}") from None
 
 
 def _split_key(member: str) -> tuple[str, str]:
-    folder, base = posixpath.split(member)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem), ext.lower()
+    return split_key(member) or (member, "")
 
 
 def _sample_of(group: list[tuple[str, RawInput]], shard_name: str, key: str | None) -> RawInput:
     locator = f"{shard_name}/{key}"
-    for wanted in IMAGE_EXTENSIONS:
-        for ext, raw in group:
-            if ext.rsplit(".", 1)[-1] == wanted:
-                raw.locator = locator
-                return raw
+    image_ext = image_member(ext for ext, _ in group)
+    for ext, raw in group:
+        if ext == image_ext:
+            raw.locator = locator
+            return raw
     first = group[0][1]
     bad = [raw.reject_reason for _, raw in group if raw.reject_reason]
     reason = bad[0] if bad else f"sample has no image member (members: {', '.join(e or '<none>' for e, _ in group)})"
@@ -247,7 +225,7 @@ def _iter_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[tuple[str, R
                 continue
             count += 1
             raw = RawInput(name, info.name, str(path), info.name, info.offset_data if seekable else None)
-            raw.reject_reason = _member_problem(info, max_bytes)
+            raw.reject_reason = member_problem(info, max_bytes)
             if raw.reject_reason is None:
                 try:
                     handle = tar.extractfile(info)
@@ -257,21 +235,6 @@ def _iter_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[tuple[str, R
                 except (tarfile.TarError, OSError, EOFError) as err:
                     raw.data, raw.reject_reason = None, f"unreadable tar member: {type(err).__name__}: {err}"
             yield info.name, raw
-
-
-def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
-    """Why a tar member must not be read, or None."""
-    name = info.name
-    normalised = posixpath.normpath(name)
-    if name.startswith("/") or normalised == ".." or normalised.startswith("../") or "\\" in name:
-        return f"path escapes the tar: {name!r}"
-    if info.issym() or info.islnk():
-        return f"tar member is a link (to {info.linkname!r}), not a regular file"
-    if not info.isfile():
-        return "tar member is not a regular file (device, fifo or unknown type)"
-    if info.size > max_bytes:
-        return f"file too large: {info.size} bytes > limit {max_bytes}"
-    return None
 
 
 def _read_file(path: Path, name: str, locator: str, max_bytes: int) -> RawInput:

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from dinoforge.config import ConfigError, load_config
-from dinoforge.data.datasets import DatasetError, detect_kind, split_kind_prefix
+from dinoforge.data.dataset_spec import detect_kind, split_kind_prefix
+from dinoforge.data.errors import DatasetError
 from dinoforge.launch import destroy_distributed, init_distributed, is_distributed
 from dinoforge.models import CheckpointError
 from dinoforge.run_logging import setup_logging

@@ -8,38 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from dinoforge.data.transforms import EvalTransformConfig
+from dinoforge.models.config import PretrainedModelConfig
 
 
 @dataclass
-class BackboneConfig:
-    """The backbone under evaluation: an architecture and the weights to put in it."""
+class BackboneConfig(PretrainedModelConfig):
+    """The backbone under evaluation: the training schema's architecture fields and defaults
+    (`dinoforge.models.config.ModelConfig`, e.g. `layerscale`, `interpolate_offset`) and the weights to put in it."""
 
-    # a weights file load_pretrained accepts, a pretrain run or export directory (its model.json then replaces
-    # the architecture fields below), or "random" for a seeded random init
-    weights: str = "random"
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
-    depth: int = 0  # 0: the architecture's depth
-    patch_size: int = 14
-    img_size: int = 518  # the official DINOv2 weights carry a 37x37 position grid (518 / 14)
-    num_register_tokens: int = 0
-    init_values: float | None = 1.0  # LayerScale; None for weights trained without it
-    ffn_layer: str = "mlp"
-    interpolate_antialias: bool = False  # True for the *_reg4 releases
-    interpolate_offset: float = 0.1  # 0.0 for the *_reg4 releases
-    seed: int = 0  # random init only
-
-
-@dataclass
-class EvalTransformConfig:
-    """The standard classification eval transform: resize the short side, center crop, normalise."""
-
-    resize_size: int = 256
-    crop_size: int = 224
-    interpolation: str = "bicubic"  # bilinear | bicubic | nearest
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    layerscale: float | None = 1.0  # random init only: a usable baseline (see dinoforge.models.config)
+    # The one default that differs from training's 224: the official DINOv2 weights carry a 37x37 position grid
+    # (518 / 14), and weights load strictly, so the release checkpoints evaluate without any setting.
+    img_size: int = 518
 
 
 @dataclass

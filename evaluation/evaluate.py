@@ -19,8 +19,9 @@ from dinoforge.collectives import current_rank, current_world_size
 from dinoforge.config import save_config
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.errors import DatasetError
+from dinoforge.data.transforms import make_eval_transform
 from dinoforge.launch import resolve_device
-from evaluation.backbone import RANDOM_WEIGHTS, build_backbone, weights_fingerprint
+from dinoforge.models.loading import RANDOM_WEIGHTS, load_backbone, weights_fingerprint
 from evaluation.config import TASK_SCHEMAS, EvalRunConfig, KnnEvalConfig, LinearEvalConfig, LogregEvalConfig
 from evaluation.feature_cache import cache_path, cached_features, dataset_fingerprint
 from evaluation.feature_set import FeatureSet
@@ -29,7 +30,6 @@ from evaluation.knn import knn_evaluate_report
 from evaluation.linear import linear_probe
 from evaluation.logreg import logistic_regression
 from evaluation.results import EvalResult, write_results
-from evaluation.transform import make_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
     out = output_dir(cfg)
     if current_rank() == 0:
         save_config(cfg, out)
-    model = build_backbone(cfg.model).to(device)
+    model = load_backbone(cfg.model).to(device)
     transform = make_eval_transform(cfg.transform)
     n_blocks = max(cfg.linear.n_last_blocks) if isinstance(cfg, LinearEvalConfig) else 1
     datasets = {split: build_dataset(getattr(cfg, split), transform=transform, with_labels=True)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from dinoforge.atomic import atomic_path
 from dinoforge.collectives import current_rank, current_world_size
-from dinoforge.data.datasets import split_kind_prefix
+from dinoforge.data.dataset_spec import split_kind_prefix
 from evaluation.feature_set import FeatureSet
 
 logger = logging.getLogger(__name__)

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from evaluation.config import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig
+from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, make_eval_transform
 from evaluation.features import extract_features
 from evaluation.knn import knn_evaluate
-from evaluation.transform import make_eval_transform
 
 logger = logging.getLogger(__name__)
 

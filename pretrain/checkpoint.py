@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from dinoforge.collectives import barrier
+from dinoforge.collectives import barrier, current_rank
 from dinoforge.launch import is_distributed
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ STEP_DIR = re.compile(r"step_(\d{8,})")
 LATEST = "latest"
 # DCP warns on every call without a process group that it assumes a single process; that is our intent.
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
-
-
-def _rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
 
 
 class ModelState:
@@ -138,13 +134,13 @@ class RNGState:
         return states
 
     def state_dict(self) -> dict[str, Any]:
-        key = f"rank_{_rank()}"
+        key = f"rank_{current_rank()}"
         states = self._capture()
         if self._saved is not None:  # loading: ask only for what the checkpoint holds for this rank
             states = {name: t for name, t in states.items() if f"{key}.{name}" in self._saved}
             if not states:
                 logger.warning("checkpoint has no RNG state for rank %d (saved by fewer processes); keeping this "
-                               "process's current generators", _rank())
+                               "process's current generators", current_rank())
                 return {}
         return {key: states}
 
@@ -171,7 +167,7 @@ def export_full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     export and releases. Tensors never alias the live model.
     """
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() != 0:
+    if current_rank() != 0:
         return {}
     # plain CPU tensors come back as the live ones; DTensor shards never alias a gathered full tensor
     live = {t.data_ptr() for t in module.state_dict().values()
@@ -261,7 +257,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
         self._check_names(app_state)
         final = self.step_dir(step)
-        if _rank() == 0:
+        if current_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_temporaries()
         nonce = _shared_nonce()  # also orders every rank after the cleanup above
@@ -270,7 +266,7 @@ class Checkpointer:
             warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)
             dcp.save(app_state, checkpoint_id=tmp)
         barrier()  # every rank's shards are on disk before the directory becomes visible under its final name
-        if _rank() == 0:
+        if current_rank() == 0:
             self._publish(tmp, final, nonce)
             self._prune(keep=final.name)
             logger.info("saved checkpoint %s", final)

@@ -1,7 +1,8 @@
 """DINOv2's self-distillation setup: a student and its EMA teacher, each a ViT with DINO (+ iBOT) heads.
 
-`SSLMetaArch.compute_losses(batch, teacher_temp)` turns one collated multi-crop batch into the weighted sum of the
-DINO, iBOT and KoLeo losses. It knows nothing of optimisers, schedules or process groups: the trainer wires those.
+`SSLMetaArch.compute_losses(batch, teacher_temp)` runs the forward passes of one collated multi-crop batch and sums
+the configured loss terms (DINO, iBOT, KoLeo and any in `loss.terms`, see `pretrain.losses.terms`). It knows nothing
+of optimisers, schedules or process groups: the trainer wires those.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from dinoforge.models.config import ModelConfig, build_backbone
 from dinoforge.models.heads import DINOHead
 from pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from pretrain.losses.terms import StepOutputs, build_terms
 
 
 @dataclass
@@ -30,6 +32,8 @@ class LossConfig:
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
+    # further terms: a built-in name or "package.module:ClassName" of a LossTerm -> its weight (0 leaves it out)
+    terms: dict[str, float] = field(default_factory=dict)
     centering: str = "sinkhorn_knopp"  # or "centering" (EMA, DINO v1 / iBOT)
     student_temp: float = 0.1
     center_momentum: float = 0.9
@@ -39,6 +43,19 @@ class LossConfig:
 
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
+# DINOv2's multi-crop makes two global crops (MultiCropAugmentation); collated batches say so in "n_global_crops",
+# this is only for hand-built batches without that key.
+DEFAULT_GLOBAL_CROPS = 2
+
+
+def n_global_crops(batch: dict) -> int:
+    """The number of global crops per image in a collated batch."""
+    return int(batch.get("n_global_crops", DEFAULT_GLOBAL_CROPS))
+
+
+def images_in_batch(batch: dict) -> int:
+    """The number of images (not crops) in a collated batch."""
+    return batch["global_crops"].shape[0] // n_global_crops(batch)
 
 
 def _head(in_dim: int, cfg: HeadConfig) -> DINOHead:
@@ -74,6 +91,8 @@ class SSLMetaArch(nn.Module):
         self.dino_loss = DINOLoss(loss.dino_head.out_dim, loss.student_temp, loss.center_momentum)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim, loss.student_temp, loss.center_momentum)
         self.koleo_loss = KoLeoLoss()
+        # a plain list: the terms hold the loss modules above (registered once, under DINOv2's state-dict names)
+        self.loss_terms = build_terms(loss, self)
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -115,12 +134,28 @@ class SSLMetaArch(nn.Module):
     def compute_losses(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total weighted loss and its detached terms (plus teacher entropies) for one collated batch.
 
-        Pairing: each student crop (2 globals, then locals) against every teacher global crop except the view it
-        is itself (`ignore_diagonal`), which is the reference's "teacher views swapped" global term plus its local
-        term, averaged over all pairs.
+        DINO pairing: each student crop (globals, then locals) against every teacher global crop except the view
+        it is itself (`ignore_diagonal`), which is the reference's "teacher views swapped" global term plus its
+        local term, averaged over all pairs.
         """
-        cfg = self.loss_cfg
-        n_global = 2
+        outputs = self.forward_outputs(batch, teacher_temp)
+        terms: dict[str, Tensor] = {}
+        total = outputs.student_patch_logits.new_zeros((), dtype=torch.float32)
+        for term in self.loss_terms:
+            result = term(outputs, batch, teacher_temp)
+            if result is None:
+                continue
+            loss, extra = result
+            terms[term.name] = loss
+            total = total + term.weight * loss
+            terms.update(extra)
+        stats = {k: v.detach() for k, v in terms.items()}
+        stats["teacher_entropy"], stats["teacher_mean_entropy"] = _entropy(torch.cat(outputs.teacher_cls))
+        return total, stats
+
+    def forward_outputs(self, batch: dict, teacher_temp: float) -> StepOutputs:
+        """Teacher targets and student backbone and head outputs of one batch: what the loss terms read."""
+        n_global = n_global_crops(batch)
         targets = self.teacher_targets(batch, teacher_temp)
         teacher_cls = list(targets["cls"].chunk(n_global))
 
@@ -130,21 +165,7 @@ class SSLMetaArch(nn.Module):
         masked = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
         cls_logits, patch_logits = self._heads(self.student, student_cls, masked)
         n_local = local_out["x_norm_clstoken"].shape[0] // teacher_cls[0].shape[0]
-        student_crops = list(cls_logits.chunk(n_global + n_local))
-
-        terms: dict[str, Tensor] = {}
-        total = cls_logits.new_zeros((), dtype=torch.float32)
-        if cfg.dino_loss_weight:
-            terms["dino_loss"] = self.dino_loss(student_crops, teacher_cls, ignore_diagonal=True)
-            total = total + cfg.dino_loss_weight * terms["dino_loss"]
-        if cfg.koleo_loss_weight:
-            cls_per_crop = global_out["x_norm_clstoken"].chunk(n_global)
-            terms["koleo_loss"] = sum(self.koleo_loss(c) for c in cls_per_crop)
-            total = total + cfg.koleo_loss_weight * terms["koleo_loss"]
-        if cfg.ibot_loss_weight and masked.shape[0]:
-            terms["ibot_loss"] = self.ibot_patch_loss.forward_masked(
-                patch_logits, targets["patch"], batch["masks_weight"], n_images=batch["global_crops"].shape[0])
-            total = total + cfg.ibot_loss_weight * terms["ibot_loss"]
-        stats = {k: v.detach() for k, v in terms.items()}
-        stats["teacher_entropy"], stats["teacher_mean_entropy"] = _entropy(targets["cls"])
-        return total, stats
+        return StepOutputs(
+            n_global_crops=n_global, student_global=global_out, student_local=local_out,
+            student_cls_logits=list(cls_logits.chunk(n_global + n_local)), student_patch_logits=patch_logits,
+            teacher_cls=teacher_cls, teacher_patch=targets["patch"])

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dinoforge.config import ConfigError
 from dinoforge.models.layer_scale import LayerScale
-from pretrain.schedules import SCALING_RULES
+from pretrain.lr_scaling import SCALING_RULES
 
 try:  # torch builds without distributed support have no DTensor; then no gradient can be one
     from torch.distributed.tensor import DTensor

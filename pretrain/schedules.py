@@ -11,30 +11,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # optim.py imports SCALING_RULES from here
-    from pretrain.optim import OptimConfig
+from pretrain.lr_scaling import SCALING_RULES, scaled_lr
+from pretrain.optim import OptimConfig
 
 logger = logging.getLogger(__name__)
 
-SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_1024", "none")
-
-
-def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
-    """Peak lr for `global_batch` images per optimizer step (all ranks and accumulated micro-batches) from the
-    lr tuned for 1024: times sqrt(batch / 1024) (DINOv2's rule, suited to Adam), batch / 1024, or unchanged."""
-    if global_batch <= 0:
-        raise ValueError(f"global_batch={global_batch} must be a positive number of images per optimizer step")
-    if rule == "sqrt_wrt_1024":
-        return base_lr * math.sqrt(global_batch / 1024)
-    if rule == "linear_wrt_1024":
-        return base_lr * global_batch / 1024
-    if rule == "none":
-        return base_lr
-    raise ValueError(f"unknown lr scaling rule {rule!r}; choose one of {', '.join(SCALING_RULES)}")
+__all__ = ["SCALING_RULES", "CosineSchedule", "ScheduleValues", "TrainingSchedules", "scaled_lr"]
 
 
 @dataclass(frozen=True)

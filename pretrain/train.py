@@ -29,10 +29,11 @@ from pretrain.data.loader import build_pretrain_loader_from_config
 from pretrain.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, ema_update
 from pretrain.export import export_teacher
 from pretrain.initial_weights import load_initial_weights
-from pretrain.meta_arch import SSLMetaArch
+from pretrain.meta_arch import SSLMetaArch, images_in_batch
 from pretrain.metrics import MetricsLogger, format_console
 from pretrain.optim import build_optimizer, clip_grad_norm
 from pretrain.schedules import TrainingSchedules
+from pretrain.signal_watch import SignalWatch
 from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
 from pretrain.train_config import TrainConfig
 
@@ -115,6 +116,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.env.is_main)
         self.monitor = KnnMonitor(cfg.monitor)
+        self.signal_watch: SignalWatch | None = None  # made at the first log: it needs the teacher rows a step
 
     def app_state(self) -> dict:
         return {"model": ModelState(self.meta), "optimizer": OptimizerState(self.meta.student, self.optimizer),
@@ -198,6 +200,14 @@ class Trainer:
         return Throughput(flops, 0.0, self.env.world_size,
                           measure=lambda: measure_matmul_peak(device, compute_dtype(cfg.precision), seconds=0.2))
 
+    def _watch_signal(self, step: int, values: dict[str, float], rows: int) -> None:
+        """Warn once, and record in metrics.jsonl, when the teacher's targets are uniform or collapsed."""
+        if self.signal_watch is None:
+            self.signal_watch = SignalWatch(self.cfg.loss.dino_head.out_dim, rows, self.cfg.optim.warmup_steps)
+        if "teacher_entropy" in values:
+            for problem in self.signal_watch.check(step, values["teacher_entropy"], values["teacher_mean_entropy"]):
+                self.metrics.note(step, {"signal_problem": problem.shape, "signal_message": problem.message})
+
     def _after_step(self, finite: bool, stats: dict, micro: list[dict], throughput: Throughput,
                     step_seconds: float, data_seconds: float) -> None:
         cfg = self.cfg
@@ -211,12 +221,13 @@ class Trainer:
                            self.state.consecutive_nonfinite, self.state.skipped_steps)
         self.state.step += 1
         if step % cfg.log_every == 0 or self.state.step == cfg.total_steps:
-            images = sum(b["global_crops"].shape[0] // 2 for b in micro)
+            images = sum(images_in_batch(b) for b in micro)
             values = {**stats, **self.schedules.at(step).as_dict(),
                       **throughput.stats(images, step_seconds, data_seconds), "skipped_steps": self.state.skipped_steps,
                       "decode_errors": sum(int(b.get("n_decode_errors", 0)) for b in micro)}
             values["peak_memory_gib"] = peak_memory_gib(self.env.device)
             values = self.metrics.log(step, values)
+            self._watch_signal(step, values, rows=micro[0]["global_crops"].shape[0] * self.env.world_size)
             logger.info(format_console(step, cfg.total_steps, values, (
                 "total_loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "lr", "images_per_s", "mfu")))
         if self.state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:

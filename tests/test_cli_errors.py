@@ -69,7 +69,7 @@ def test_curate_bad_sources_fail_at_ingest_naming_them(tmp_path, capsys):
     binary = tmp_path / "photos.lst"
     binary.write_bytes(bytes(range(128, 256)))
     cases = [({"path": str(tmp_path / "empty")}, f"error: pool source 'empty': {tmp_path / 'empty'} holds no inputs"),
-             ({"path": str(binary), "kind": "filelist"}, f"error: source 'photos': '{binary}' is not a file list")]
+             ({"path": str(binary), "kind": "filelist"}, f"error: source 'photos': {binary}: not a file list")]
     for source, message in cases:
         assert curate_main(["run", _curate_config(tmp_path, [source])]) == 1
         assert _one_error_line(capsys.readouterr().err).startswith(message)
@@ -198,11 +198,11 @@ def test_eval_dataset_errors_are_one_line(tmp_path, capsys):
 
 def test_no_error_hides_a_bug(tmp_path, monkeypatch):
     """Only user errors become one line: a programming error keeps its traceback."""
-    import curate.steps
+    import curate.steps.ingest
 
     def broken(*args, **kwargs):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(curate.steps, "ingest_sources", broken)
+    monkeypatch.setattr(curate.steps.ingest, "ingest_sources", broken)
     with pytest.raises(TypeError, match="a bug"):
         curate_main(["ingest", _curate_config(tmp_path, [{"path": str(_photos(tmp_path / "pool", 1))}])])

@@ -261,7 +261,7 @@ def test_unset_thresholds_are_those_of_the_embedding_dedup_runs_on(tmp_path):
 
 
 def test_uncalibrated_threshold_warning_names_only_the_low_one(caplog):
-    from curate.steps import _warn_uncalibrated_thresholds
+    from curate.steps.dedup import _warn_uncalibrated_thresholds
 
     cfg = load_curate_config(None, ["sources=[{path: pool}]", "dedup.threshold=0.6", "dedup.eval_threshold=0.8"])
     _warn_uncalibrated_thresholds(cfg)

@@ -146,7 +146,7 @@ def test_dinov2_embedder_loads_weights_strictly(tmp_path, photos):
 def test_dinov2_embedder_needs_weights():
     with pytest.raises(ValueError, match="needs embed.weights"):
         build_embedder(EmbedConfig(kind="dinov2", device="cpu"))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="weights file not found: /nonexistent/w.pth \\(embed.weights takes"):
         build_embedder(EmbedConfig(kind="dinov2", weights="/nonexistent/w.pth", device="cpu"))
 
 

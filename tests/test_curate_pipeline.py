@@ -28,9 +28,10 @@ from curate.config import load_curate_config  # noqa: E402
 from curate.copydetect import RECOMMENDED_THRESHOLD  # noqa: E402
 from curate.manifest import check_accounting, read_manifest  # noqa: E402
 from curate.rundir import RunDir  # noqa: E402
-from curate.shards import read_index, verify_shards  # noqa: E402
+from curate.shards import verify_shards  # noqa: E402
 from curate.steps import run_all, run_step  # noqa: E402
 from dinoforge.data.datasets import build_dataset  # noqa: E402
+from dinoforge.data.shard_index import read_index  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_PER_CLASS = 12  # x 10 classes x 2 datasets = 240 real photos
@@ -162,7 +163,7 @@ def test_shards_hold_exactly_the_selected_samples(reference):
     table = read_manifest(run.manifest)
     selected = {r["uid"]: r for r in table.filter(pc.equal(table.column("status"), "selected")).to_pylist()}
     assert verify_shards(run.shards) == []
-    infos = read_index(run.shards)
+    infos = read_index(run.shards).shards
     assert sum(i.count for i in infos) == len(selected) and all(i.count <= 16 for i in infos)
     assert len(infos) > 1
     seen = {}
@@ -279,7 +280,7 @@ def test_shard_call_removes_only_the_temporaries_of_its_partitions(reference, tm
     run = RunDir(cfg.run_dir)
     run.marker("shard").unlink()
     first_shard_of: dict[int, str] = {}
-    for info in read_index(run.shards):
+    for info in read_index(run.shards).shards:
         first_shard_of.setdefault(info.partition, info.file)
     assert 0 in first_shard_of and len(first_shard_of) > 1
     temps = {p: run.shards / f".{name}.99999.tmp" for p, name in first_shard_of.items()}

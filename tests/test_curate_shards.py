@@ -10,14 +10,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from curate.shards import (
-    ShardWriter,
-    plan_shards,
-    read_index,
-    shard_name,
-    verify_shards,
-    write_index,
-)
+from curate.shards import ShardWriter, plan_shards, shard_name, verify_shards
+from dinoforge.data.shard_index import read_index, write_index
 from dinoforge.hashing import file_sha256
 
 
@@ -102,7 +96,7 @@ def test_index_lists_checksums_and_verify_finds_damage(tmp_path):
     write_index(tmp_path, infos, {"run": "test"})
     doc = json.loads((tmp_path / "index.json").read_text())
     assert doc["total_samples"] == 5 and doc["n_shards"] == 3 and doc["run"] == "test"
-    assert read_index(tmp_path) == infos
+    assert doc["version"] == 1 and read_index(tmp_path).shards == infos
     assert verify_shards(tmp_path) == []
     damaged = tmp_path / infos[1].file
     data = bytearray(damaged.read_bytes())

@@ -7,7 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from curate.rundir import RunDir, StepOrderError, downstream, fingerprint, semantic
+import curate.steps.dedup
+from curate.rundir import RunDir, fingerprint
+from curate.steps import STEPS, Step, downstream, runner, step_named
+from curate.steps.runner import StepOrderError, expected_fingerprint, invalidate_later, owning_step, semantic
 from curate.store import EmbeddingStore, EmbeddingStoreError
 
 
@@ -51,25 +54,25 @@ def test_markers_skip_when_current_and_redo_when_config_changes(tmp_path):
     run = RunDir(tmp_path)
     cfg = {"ingest": {"sources": ["a"]}, "embed": {"arch": "vit_tiny", "batch_size": 32}}
     with pytest.raises(StepOrderError, match="needs step 'ingest' first, which has not run"):
-        run.expected_fingerprint("embed", _sections(cfg))
-    f_ingest = run.expected_fingerprint("ingest", _sections(cfg))
+        expected_fingerprint(STEPS, run, "embed", _sections(cfg))
+    f_ingest = expected_fingerprint(STEPS, run, "ingest", _sections(cfg))
     run.write_marker("ingest", f_ingest, {"inputs": 3}, time.time())
     assert run.is_done("ingest", f_ingest)
-    f_embed = run.expected_fingerprint("embed", _sections(cfg))
+    f_embed = expected_fingerprint(STEPS, run, "embed", _sections(cfg))
     run.write_marker("embed", f_embed, {}, time.time())
     # Speed knobs do not change what a step produces.
     faster = {**cfg, "embed": {"arch": "vit_tiny", "batch_size": 256}}
-    assert run.expected_fingerprint("embed", _sections(faster)) == f_embed
+    assert expected_fingerprint(STEPS, run, "embed", _sections(faster)) == f_embed
     # A changed upstream config makes the downstream marker out of date.
     changed = {**cfg, "ingest": {"sources": ["a", "b"]}}
     with pytest.raises(StepOrderError, match="'ingest' first, which is out of date"):
-        run.expected_fingerprint("embed", _sections(changed))
-    new_ingest = run.expected_fingerprint("ingest", _sections(changed))
+        expected_fingerprint(STEPS, run, "embed", _sections(changed))
+    new_ingest = expected_fingerprint(STEPS, run, "ingest", _sections(changed))
     assert not run.is_done("ingest", new_ingest) and not run.marker("ingest").exists()  # stale marker removed
     run.write_marker("ingest", new_ingest, {}, time.time())
-    assert run.expected_fingerprint("embed", _sections(changed)) != f_embed
+    assert expected_fingerprint(STEPS, run, "embed", _sections(changed)) != f_embed
     # The report covers what has run, without requiring every step.
-    assert run.expected_fingerprint("report", _sections(changed), required=False)
+    assert expected_fingerprint(STEPS, run, "report", _sections(changed), required=False)
 
 
 def test_fingerprint_helpers():
@@ -152,20 +155,106 @@ def test_shipped_configs_load():
 def test_a_step_that_runs_invalidates_the_steps_after_it(tmp_path):
     run = RunDir(tmp_path)
     sections = _sections({"ingest": {"sources": ["a"]}, "embed": {"arch": "vit_tiny"}})
-    f_ingest = run.expected_fingerprint("ingest", sections)
+    f_ingest = expected_fingerprint(STEPS, run, "ingest", sections)
     run.write_marker("ingest", f_ingest, {"content_sha256": "aa"}, time.time())
-    f_embed = run.expected_fingerprint("embed", sections)
+    f_embed = expected_fingerprint(STEPS, run, "embed", sections)
     run.write_marker("embed", f_embed, {}, time.time())
     # Ingest again with the same files: the steps after it read the same inputs.
     run.write_marker("ingest", f_ingest, {"content_sha256": "aa"}, time.time())
-    assert run.expected_fingerprint("embed", sections) == f_embed
+    assert expected_fingerprint(STEPS, run, "embed", sections) == f_embed
     # Same config, but the files' bytes changed: everything downstream is out of date.
     run.write_marker("ingest", f_ingest, {"content_sha256": "bb"}, time.time())
-    assert run.expected_fingerprint("embed", sections) != f_embed
-    assert not run.is_done("embed", run.expected_fingerprint("embed", sections))
+    assert expected_fingerprint(STEPS, run, "embed", sections) != f_embed
+    assert not run.is_done("embed", expected_fingerprint(STEPS, run, "embed", sections))
     # A step that runs removes the markers of the steps after it (they rebuild their manifest columns).
     run.write_marker("embed", f_embed, {}, time.time())
-    run.invalidate_downstream("ingest")
+    invalidate_later(STEPS, run, "ingest")
     assert run.marker("ingest").exists() and not run.marker("embed").exists()
     assert downstream("ingest") == ["embed", "dedup", "cluster", "retrieve", "shard", "report"]
     assert downstream("retrieve") == ["shard", "report"] and downstream("report") == []
+
+
+# --- the registry: adding a step is a record and a function --------------------------------------------------------
+
+
+def _count(cfg, context):
+    """A toy partitioned step: one file per partition, the summary once all exist."""
+    out = context.rundir.root / "count"
+    context.rundir.prepare_output(out, context.fingerprint, fresh=context.force)
+    for p in context.partitions if context.partitions is not None else range(cfg.partitions):
+        (out / f"{p}.txt").write_text(str(p))
+    done = sorted(int(f.stem) for f in out.glob("*.txt"))
+    return {"partitions": len(done)} if len(done) == cfg.partitions else None
+
+
+def _total(cfg, context):
+    return {"total": sum(int(f.read_text()) for f in (context.rundir.root / "count").glob("*.txt")),
+            "steps": list(context.steps)}
+
+
+TOY_STEPS = (
+    Step("count", _count, lambda cfg: {"partitions": cfg.partitions, "batch_size": 7}, partitioned=True,
+         columns=("n",), help="count the partitions"),
+    Step("total", _total, lambda cfg: {"name": cfg.name}, upstream=("count",), column_prefix="total_",
+         help="add them up"),
+)
+
+
+def _toy_config(tmp_path, partitions: int = 3):
+    from curate.config import load_curate_config
+
+    return load_curate_config(None, ["sources=[{path: pool}]", f"runs_root={tmp_path}", "name=toy",
+                                     f"partitions={partitions}"])
+
+
+def test_a_step_added_to_a_registry_runs_through_the_runner(tmp_path):
+    cfg = _toy_config(tmp_path)
+    with pytest.raises(StepOrderError, match="step 'total' needs step 'count' first, which has not run"):
+        runner.run_step(TOY_STEPS, "total", cfg)
+    assert runner.run_step(TOY_STEPS, "count", cfg, partitions=[0, 2]).status == "partial"
+    assert not RunDir(cfg.run_dir).marker("count").exists()
+    assert runner.run_step(TOY_STEPS, "count", cfg, partitions=[1]).status == "done"  # the last task completes it
+    assert runner.run_step(TOY_STEPS, "total", cfg).summary == {"total": 3, "steps": ["count", "total"]}
+    assert [r.status for r in runner.run_all(TOY_STEPS, cfg)] == ["skipped", "skipped"]
+    assert (cfg.run_dir / "config.yaml").is_file()
+    # redoing the first step invalidates the second
+    assert [r.status for r in runner.run_all(TOY_STEPS, _toy_config(tmp_path, partitions=2))] == ["done", "done"]
+    with pytest.raises(ValueError, match="step 'total' does not run per partition"):
+        runner.run_step(TOY_STEPS, "total", cfg, partitions=[0])
+    with pytest.raises(ValueError, match="unknown step 'nope'; steps: count, total"):
+        runner.run_step(TOY_STEPS, "nope", cfg)
+    assert runner.downstream(TOY_STEPS, "count") == ["total"]
+    assert runner.owning_step(TOY_STEPS, "n") == "count" and runner.owning_step(TOY_STEPS, "total_3") == "total"
+
+
+def test_the_cli_lists_and_runs_the_steps_of_its_registry(tmp_path, capsys):
+    from curate.__main__ import build_parser, main
+
+    parser = build_parser(TOY_STEPS)
+    assert "  count  count the partitions\n  total  add them up\n  run    every step" in parser.epilog
+    assert parser.parse_args(["total", "c.yaml"]).command == "total"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ingest", "c.yaml"])
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"name: toy\nruns_root: {tmp_path}\npartitions: 2\nsources:\n  - {{path: pool}}\n")
+    assert main(["count", str(config), "--partitions", "0"], steps=TOY_STEPS) == 0
+    assert main(["total", str(config), "--partitions", "0"], steps=TOY_STEPS) == 2
+    assert "--partitions applies to count only" in capsys.readouterr().err
+    assert main(["run", str(config)], steps=TOY_STEPS) == 0
+    assert "total     done" in capsys.readouterr().out
+
+
+def test_the_registry_is_the_one_list_of_steps():
+    from curate.__main__ import build_parser
+    from curate.manifest import CLUSTER_PREFIX, STATUSES
+
+    names = [s.name for s in STEPS]
+    assert names == ["ingest", "embed", "dedup", "cluster", "retrieve", "shard", "report"]
+    assert [s.name for s in STEPS if s.partitioned] == ["embed", "dedup", "shard"]
+    assert all(set(s.upstream) <= set(names[:i]) for i, s in enumerate(STEPS))  # in pipeline order
+    assert sorted(st for s in STEPS for st in s.statuses) == sorted(STATUSES)  # each status decided by one step
+    assert [owning_step(STEPS, c) for c in ("duplicate_of", f"{CLUSTER_PREFIX}2", "selected_by", "uid", "status")] \
+        == ["dedup", "cluster", "retrieve", "ingest", None]
+    assert step_named("dedup").run is curate.steps.dedup.run
+    assert build_parser().parse_args(["shard", "c.yaml"]).command == "shard"
+    assert all(f"  {name} " in build_parser().epilog for name in names)

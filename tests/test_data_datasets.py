@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from test_data_fixtures import (
 from torch.utils.data import DataLoader
 
 from dinoforge.data.datasets import DatasetError, build_dataset, detect_kind, split_kind_prefix
-from dinoforge.data.tar_shards import scan_shard, split_key, unsafe_member_reason
+from dinoforge.data.shard_index import ShardEntry, write_index
+from dinoforge.data.tar_members import split_key, unsafe_name_reason
+from dinoforge.data.tar_shards import scan_shard
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +138,39 @@ def test_webdataset_layouts_random_access(shard_dir: Path, folder: Path, referen
     (run / "shards").mkdir(parents=True)
     for shard in shards:
         (run / "shards" / shard.name).symlink_to(shard)
-    index = {"format": "webdataset", "shards": [{"file": s.name, "count": 12, "sha256": "-"} for s in shards]}
-    (run / "shards" / "index.json").write_text(json.dumps(index))
+    entries = [ShardEntry(s.name, 12, s.stat().st_size, "-", 0, "", "") for s in shards]
+    write_index(run / "shards", entries)
     curated = build_dataset(run)
     assert_matches(curated, reference)
     assert_matches(build_dataset(f"wds:{run / 'shards' / 'index.json'}"), reference)
-    # names relative to the run directory are accepted too
-    index["shards"] = [{"path": f"shards/{s.name}"} for s in shards]
-    (run / "shards" / "index.json").write_text(json.dumps(index))
-    assert len(build_dataset(run)) == 40
     assert "40 samples in 4 shard(s)" in curated.describe()
+
+
+def test_malformed_shard_index_is_a_clear_dataset_error(shard_dir: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in sorted(shard_dir.glob("*.tar")):
+        (shards / shard.name).symlink_to(shard)
+    index = shards / "index.json"
+    good = {"file": "shard-000000.tar", "count": 12, "bytes": 1, "sha256": "-", "partition": 0, "first_key": "",
+            "last_key": ""}
+    cases = [
+        ("{not json", "unreadable shard index"),
+        ("[]", "expected an object with a 'shards' list"),
+        (json.dumps({"shards": [{"path": "shard-000000.tar"}]}), "shard entry 0 has fields ['path']"),
+        (json.dumps({"shards": [{**good, "count": "12"}]}), "count='12' is not a int"),
+        (json.dumps({"version": 9, "shards": [good]}), "shard index version 9"),
+        (json.dumps({"version": 1, "shards": []}), "lists no shards"),
+    ]
+    for text, message in cases:
+        index.write_text(text)
+        with pytest.raises(DatasetError, match=re.escape(message)):
+            build_dataset(tmp_path)
+    index.write_text(json.dumps({"shards": [{**good, "file": "gone.tar"}]}))
+    with pytest.raises(FileNotFoundError, match="listed shard 'gone.tar' does not exist"):
+        build_dataset(tmp_path)
+    index.write_text(json.dumps({"shards": [good]}))  # no version: written before the field existed, version 1
+    assert len(build_dataset(tmp_path)) == 12
 
 
 def test_tar_members_are_validated_and_grouped(tmp_path: Path) -> None:
@@ -170,15 +196,15 @@ def test_tar_members_are_validated_and_grouped(tmp_path: Path) -> None:
     scan = scan_shard(shard)
     assert scan.keys == ["a/x1", "x2"] and scan.image_ext == ["jpg", "jpeg"]
     reasons = dict(scan.rejected)
-    assert "escapes the archive" in reasons[f"{shard}:../escape.jpg"]
-    assert "absolute" in reasons[f"{shard}:/abs.jpg"]
+    assert "path escapes the tar" in reasons[f"{shard}:../escape.jpg"]
+    assert "path escapes the tar" in reasons[f"{shard}:/abs.jpg"]
     assert "no extension" in reasons[f"{shard}:noext"]
     assert "duplicate member" in reasons[f"{shard}:x2.jpeg"]
     assert "not a regular file" in reasons[f"{shard}:linked.jpg"]
     assert "no image member" in reasons[f"{shard}:meta_only"]
     dataset = build_dataset(shard)
     assert [dataset[i][1] for i in range(2)] == [5, 2]
-    assert split_key("d/k.seg.png") == ("d/k", "seg.png") and unsafe_member_reason("ok/name.jpg") is None
+    assert split_key("d/k.seg.png") == ("d/k", "seg.png") and unsafe_name_reason("ok/name.jpg") is None
 
 
 def test_decode_errors_substitute_next_index_and_are_logged(tmp_path: Path, caplog) -> None:
@@ -244,7 +270,7 @@ def test_kind_detection_and_clear_errors(tmp_path: Path, shard_dir: Path, folder
         build_dataset(mixed)
     assert len(build_dataset(f"wds:{mixed}")) == 1
     (tmp_path / "data.bin").write_bytes(b"x")
-    with pytest.raises(DatasetError, match="not a dataset file: expected a .tar shard, a .txt/.csv file list"):
+    with pytest.raises(DatasetError, match="not a dataset file: expected a tar archive, a .txt/.csv/.lst/.list file"):
         build_dataset(tmp_path / "data.bin")
     (tmp_path / "garbage.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="not a readable tar archive"):

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from test_data_fixtures import broken_images, image_files, imagenette_subset, jpeg_bytes, png_header_only
 
-from dinoforge.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
+from dinoforge.data.decode import DEFAULT_MAX_PIXELS, DecodePolicy, ImageDecodeError, decode_image
+from dinoforge.data.error_counter import DecodeErrorCounter
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -36,7 +37,7 @@ def test_real_jpegs_decode_to_rgb_matching_pil() -> None:
         ("zero_bytes", "empty file"),
         ("text", "not an image"),
         ("bomb", "decompression bomb"),
-        ("big", "max_pixels"),
+        ("big", "pixels > limit"),
     ],
 )
 def test_broken_files_raise_with_reason(kind: str, reason: str) -> None:
@@ -49,10 +50,10 @@ def test_broken_files_raise_with_reason(kind: str, reason: str) -> None:
 def test_pixel_limit_is_checked_before_decoding() -> None:
     data = jpeg_bytes(64, 48)
     assert decode_image(data, max_pixels=64 * 48).size == (64, 48)
-    with pytest.raises(ImageDecodeError, match="3072 pixels > max_pixels=3071"):
+    with pytest.raises(ImageDecodeError, match="3072 pixels > limit 3071"):
         decode_image(data, max_pixels=64 * 48 - 1)
     # Header-only PNG just over the default limit: refused by our check, not by a failed decode of missing data.
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageDecodeError, match="decompression bomb: 10001x10000"):
         decode_image(png_header_only(10_001, 10_000), max_pixels=DEFAULT_MAX_PIXELS)
 
 
@@ -65,8 +66,10 @@ def test_modes_convert_to_rgb_with_correct_values() -> None:
     deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))  # 16-bit white must stay white
     assert np.asarray(decode_image(encode(deep, "PNG"))).min() == 255
 
-    rgba = Image.new("RGBA", (5, 5), (10, 20, 30, 0))
-    np.testing.assert_array_equal(np.asarray(decode_image(encode(rgba, "PNG")))[0, 0], [10, 20, 30])
+    rgba = Image.new("RGBA", (5, 5), (10, 20, 30, 0))  # transparent: white by default, the hidden colour on request
+    np.testing.assert_array_equal(np.asarray(decode_image(encode(rgba, "PNG")))[0, 0], [255, 255, 255])
+    dropped = decode_image(encode(rgba, "PNG"), DecodePolicy(alpha="drop"))
+    np.testing.assert_array_equal(np.asarray(dropped)[0, 0], [10, 20, 30])
 
     palette = Image.new("P", (5, 5), 3)
     palette.info["transparency"] = 3

@@ -11,9 +11,8 @@ from test_data_fixtures import image_files, imagenette_subset
 from torchvision.transforms import v2
 
 from dinoforge.config import ConfigError, load_config
+from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.multicrop import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MultiCropAugmentation,
     MultiCropConfig,
     blur_probabilities,

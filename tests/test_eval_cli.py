@@ -11,8 +11,8 @@ from test_eval_support import imagenette_file_list, one_torch_thread
 
 from dinoforge.config import load_config
 from dinoforge.data.errors import DatasetError
+from dinoforge.models.loading import load_backbone
 from evaluation.__main__ import main
-from evaluation.backbone import build_backbone
 from evaluation.config import TASK_SCHEMAS, BackboneConfig, KnnEvalConfig, LinearEvalConfig
 from evaluation.evaluate import align_labels
 from evaluation.feature_set import FeatureSet
@@ -74,7 +74,7 @@ def test_knn_on_imagenette_is_above_chance_and_the_same_twice(imagenette, tmp_pa
 def test_weights_file_gives_the_same_result_as_the_model_it_came_from(imagenette, tmp_path):
     from dinoforge.models import export_official, save_safetensors
 
-    model = build_backbone(BackboneConfig(arch="vit_tiny", patch_size=16, img_size=64, seed=5))
+    model = load_backbone(BackboneConfig(arch="vit_tiny", patch_size=16, img_size=64, seed=5))
     weights = save_safetensors(export_official(model), tmp_path / "tiny.safetensors")
     data = ["--train", str(imagenette["train_small"]), "--val", str(imagenette["val_small"]), *TINY_64,
             "features.cache_dir=", "knn.ks=[5]"]

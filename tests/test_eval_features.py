@@ -14,14 +14,14 @@ import torch.multiprocessing as mp
 from test_eval_support import imagenette_file_list, one_torch_thread
 
 from dinoforge.data.datasets import build_dataset
-from evaluation.backbone import build_backbone, weights_fingerprint
-from evaluation.config import BackboneConfig, EvalTransformConfig
+from dinoforge.data.transforms import EvalTransformConfig, make_eval_transform
+from dinoforge.models.loading import load_backbone, weights_fingerprint
+from evaluation.config import BackboneConfig
 from evaluation.feature_cache import cache_path, cached_features, dataset_fingerprint, load_features
 from evaluation.feature_set import FeatureSet
 from evaluation.features import extract_features
-from evaluation.transform import make_eval_transform
 
-TINY = BackboneConfig(weights="random", arch="vit_tiny", patch_size=16, img_size=64, init_values=1.0, seed=3)
+TINY = BackboneConfig(weights="random", arch="vit_tiny", patch_size=16, img_size=64, layerscale=1.0, seed=3)
 TRANSFORM = EvalTransformConfig(resize_size=72, crop_size=64)
 WORLD_SIZE = 2
 
@@ -50,7 +50,7 @@ def dataset(spec: Path):
 
 
 def test_features_equal_a_direct_forward_in_dataset_order(photo_list):
-    model = build_backbone(TINY)
+    model = load_backbone(TINY)
     ds = dataset(photo_list)
     fs = extract_features(model, ds, n_last_blocks=4, batch_size=3)
     assert fs.block_cls.shape == (7, 4, 192) and fs.patch_mean.shape == (7, 192)
@@ -73,7 +73,7 @@ def _worker(rank: int, port: int, spec: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=timedelta(seconds=120))
     try:
-        model = build_backbone(TINY)
+        model = load_backbone(TINY)
         forwards = []
         model.blocks[0].register_forward_hook(lambda *_: forwards.append(1))
         # Batches of 3: rank 0 holds 4 samples (2 batches), rank 1 holds 3 (1 batch, + 1 forward to keep pace).
@@ -91,7 +91,7 @@ def _free_port() -> int:
 
 
 def test_two_gloo_processes_give_exactly_the_single_process_features(photo_list, tmp_path):
-    single = extract_features(build_backbone(TINY), dataset(photo_list), n_last_blocks=2, batch_size=2)
+    single = extract_features(load_backbone(TINY), dataset(photo_list), n_last_blocks=2, batch_size=2)
     mp.spawn(_worker, args=(_free_port(), str(photo_list), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     for rank in range(WORLD_SIZE):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -155,7 +155,7 @@ def test_cache_file_without_feature_tensors_is_refused(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_autocast_features_close_to_fp32(photo_list):
-    model = build_backbone(TINY).cuda()
+    model = load_backbone(TINY).cuda()
     ds = dataset(photo_list)
     fp32 = extract_features(model, ds, device="cuda", autocast_dtype="float32")
     bf16 = extract_features(model, ds, device="cuda", autocast_dtype="bfloat16")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from PIL import Image
 
 from dinoforge.config import load_config
 from pretrain.metrics import read_metrics
@@ -20,17 +18,6 @@ from pretrain.train_config import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 HEADS = ("dino_head", "ibot_head")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("recipe_images")
-    rng = np.random.default_rng(0)
-    for label in range(2):
-        (root / f"c{label}").mkdir()
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"c{label}/{i}.jpg")
-    return root
 
 
 STEPS = 2
@@ -54,16 +41,16 @@ def tiny_recipe(name: str, data: Path, out: Path, precision: str, **extra: objec
 
 
 @pytest.fixture(scope="module")
-def vitl14_run(folder, tmp_path_factory) -> Path:
+def vitl14_run(noise_image_folder, tmp_path_factory) -> Path:
     """The finished 224 px run that the high-resolution phase continues, at the same tiny size."""
-    return train(tiny_recipe("vitl14", folder, tmp_path_factory.mktemp("vitl14"), "fp32"))
+    return train(tiny_recipe("vitl14", noise_image_folder, tmp_path_factory.mktemp("vitl14"), "fp32"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_trains_two_steps(name, precision, folder, tmp_path, one_thread, request):
+def test_every_recipe_trains_two_steps(name, precision, noise_image_folder, tmp_path, one_thread, request):
     extra = {"init_weights": str(request.getfixturevalue("vitl14_run"))} if name == "highres" else {}
-    cfg = tiny_recipe(name, folder, tmp_path, precision, **extra)
+    cfg = tiny_recipe(name, noise_image_folder, tmp_path, precision, **extra)
     reference = load_config(TrainConfig, CONFIGS / f"{name}.yaml", ["data.dataset=x", "init_weights=x"])
     assert (cfg.model.drop_path_rate, cfg.model.layerscale) == (reference.model.drop_path_rate,
                                                                  reference.model.layerscale)

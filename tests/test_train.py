@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from curate.embed import EmbedConfig, build_embedder
 from dinoforge.config import load_config
 from dinoforge.models import load_pretrained
-from evaluation.backbone import build_backbone as build_eval_backbone
+from dinoforge.models.loading import load_backbone as build_eval_backbone
 from evaluation.config import BackboneConfig
 from pretrain.metrics import read_metrics
 from pretrain.train import NonFiniteLossError, Trainer

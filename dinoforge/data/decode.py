@@ -1,21 +1,48 @@
-"""Safe image decoding: bytes -> RGB PIL image, or an `ImageDecodeError` that says why not.
+"""The one image decoder and its policy: bytes -> RGB PIL image, or an `ImageDecodeError` that says why not.
 
-Every reader in dinoforge (datasets, streaming shards, curation) decodes through `decode_image`, so a broken file
-is reported the same way everywhere and the pixel limit against decompression bombs is checked before any pixel
-data is decompressed, independently of PIL's process-wide `Image.MAX_IMAGE_PIXELS`.
+Curation (ingest probe, embedding, report thumbnails), training (dataset readers, streaming shards) and evaluation
+all decode through `decode_image` with `DEFAULT_POLICY`, so one file gives the same pixels in every stage:
+  - EXIF orientation is applied: phones store photos unrotated and tag them, and every viewer shows them upright;
+  - alpha is composited onto white (converting straight to RGB exposes whatever colour hides under alpha=0);
+  - 16-bit greyscale is scaled by 255/65535 (PIL's own conversion clips every value above 255 to white);
+  - the pixel limit against decompression bombs is checked from the header, before any pixel is decompressed,
+    independently of PIL's process-wide `Image.MAX_IMAGE_PIXELS`.
+A stage that truly needs another behaviour passes another `DecodePolicy`, never a second decoder. This module is
+torch-free: curate's ingest workers import it.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass, replace
 
-import torch
-import torch.utils.data
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # A 10,000 x 10,000 photo decodes to 300 MB of RGB; larger is almost always a bomb or a scan we do not want.
 DEFAULT_MAX_PIXELS = 100_000_000
+ALPHA_MODES = ("white", "drop")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How encoded bytes become RGB pixels; `DEFAULT_POLICY` is what curation, training and evaluation use."""
+
+    exif: bool = True  # apply the EXIF orientation tag
+    alpha: str = "white"  # "white": composite transparent pixels onto white; "drop": discard the alpha channel
+    scale_sixteen_bit: bool = True  # 16-bit greyscale * 255/65535; False: PIL's conversion (clips above 255)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width * height above this is refused as a possible decompression bomb
+
+    def __post_init__(self) -> None:
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(f"DecodePolicy.alpha={self.alpha!r}: use one of {', '.join(ALPHA_MODES)}")
+        if self.max_pixels < 1:
+            raise ValueError(f"DecodePolicy.max_pixels must be positive, got {self.max_pixels}")
+
+
+DEFAULT_POLICY = DecodePolicy()
 
 
 class ImageDecodeError(ValueError):
@@ -26,79 +53,110 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `data` into a fully loaded RGB image; raise `ImageDecodeError(reason)` for anything else.
+def decode_image(data: bytes, policy: DecodePolicy = DEFAULT_POLICY, *, max_pixels: int | None = None,
+                 draft_size: int | None = None) -> Image.Image:
+    """Decode `data` into a fully loaded RGB image under `policy`; raise `ImageDecodeError(reason)` otherwise.
 
-    Reasons: empty data, unrecognised format, more than `max_pixels` pixels (checked from the header, before
+    `max_pixels` overrides `policy.max_pixels`. `draft_size` lets JPEG decoding downscale in the DCT domain while
+    keeping both sides at least that large (curation's embedding uses it for speed; the pixels then differ).
+    Reasons: empty data, unrecognised or corrupt format, too many pixels (checked from the header, before
     decompression), truncated or corrupt pixel data.
     """
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (DecompressionBombWarning) between its limit and twice it; our own check below decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"decompression bomb refused by PIL: {err}") from None
-    except UnidentifiedImageError:
-        head = data[:8]
-        raise ImageDecodeError(f"not an image: unrecognised format ({len(data)} bytes, starting {head!r})") from None
-    except Exception as err:  # PIL raises many types (SyntaxError, struct.error, ...) for malformed headers
-        raise ImageDecodeError(f"unreadable image header: {type(err).__name__}: {err}") from None
+    if max_pixels is not None:
+        policy = replace(policy, max_pixels=max_pixels)
+    image = open_image(data)
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid image size {width}x{height}")
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels} "
-            "(possible decompression bomb; raise max_pixels if the image is legitimate)"
-        )
+    problem = pixel_limit_problem(width, height, policy.max_pixels)
+    if problem is not None:
+        raise ImageDecodeError(problem)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
             image.load()
-            return _to_rgb(image)
+            return to_rgb(image, policy)
     except Exception as err:  # truncated data: OSError; corrupt streams: SyntaxError, ValueError, zlib.error...
-        kind = f"{image.format} " if image.format else ""
-        raise ImageDecodeError(f"corrupt or truncated {kind}image data: {type(err).__name__}: {err}") from None
+        raise ImageDecodeError(f"truncated or corrupt image data: {short_error(err)}") from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; palette/greyscale images with transparency go through RGBA so PIL does not warn."""
+def open_image(data: bytes) -> Image.Image:
+    """The lazily opened image (header read, no pixel decoded); `ImageDecodeError` when it is not an image."""
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (DecompressionBombWarning) between its limit and twice it; our own check decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"decompression bomb: {short_error(err)}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(_unidentified(data)) from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) for bad headers
+        raise ImageDecodeError(f"not an image: {short_error(err)}") from None
+
+
+def pixel_limit_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """The rejection reason of an image of this size under `max_pixels`, or None."""
+    if width * height > max_pixels:
+        return f"decompression bomb: {width}x{height} = {width * height} pixels > limit {max_pixels}"
+    return None
+
+
+def check_decodable(data: bytes) -> None:
+    """Decode every byte of the image, raising `ImageDecodeError` on truncated or corrupt data (ingest's check)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()  # structural checks (PNG chunk CRCs...) that load() skips
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format == "JPEG":
+                    # DCT-domain downscaling still entropy-decodes the whole stream (so truncation is caught) at a
+                    # fraction of the cost of a full-resolution decode.
+                    img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+    except Exception as err:  # noqa: BLE001 - any decoder failure on untrusted bytes is a rejection, not a crash
+        raise ImageDecodeError(f"truncated or corrupt image data: {short_error(err)}") from None
+
+
+def to_rgb(image: Image.Image, policy: DecodePolicy = DEFAULT_POLICY) -> Image.Image:
+    """An RGB image of a loaded `image` under `policy` (orientation, alpha, 16-bit greyscale)."""
+    if policy.exif and image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
-    if image.mode in ("P", "LA", "PA") or (image.mode == "L" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: PIL's direct RGB conversion clips at 255, so rescale to 8 bits first.
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        if policy.alpha == "drop":
+            return rgba.convert("RGB")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if policy.scale_sixteen_bit and image.mode in (*SIXTEEN_BIT_MODES, "I"):
         image = image.point(lambda v: v * (255 / 65535)).convert("L")
     return image.convert("RGB")
 
 
-class DecodeErrorCounter:
-    """A count of unreadable samples shared by a dataset and its DataLoader worker processes.
+def _unidentified(data: bytes) -> str:
+    """Why PIL cannot open `data`. PIL says only "cannot identify image file"; bytes that start with the signature of
+    a format are a corrupt file of that format (a PNG whose header checksum is wrong...), and that format's own
+    plugin says what is wrong with it."""
+    Image.init()
+    for fmt, (factory, accept) in Image.OPEN.items():
+        if accept is not None and accept(data[:16]) is True:
+            try:
+                factory(io.BytesIO(data), "")
+            except Exception as err:  # noqa: BLE001 - plugins raise SyntaxError, struct.error, ValueError...
+                return f"corrupt {fmt}: {short_error(err)}"
+    return f"not an image: no known image format in the first bytes {data[:8]!r}"
 
-    Workers are separate processes, so a plain integer attribute would only count the main process's errors. The
-    count lives in a shared-memory tensor, which torch's multiprocessing shares with workers started by fork or
-    spawn; each worker adds to its own slot, so no lock is needed. Ordinary copies (pickle, deepcopy) get their
-    own memory, starting from the current counts.
-    """
 
-    SLOTS = 256  # slot 0: the main process; slot 1 + worker id (mod 255): DataLoader workers
-
-    def __init__(self, value: int = 0) -> None:
-        self._slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
-        self._slots[0] = value
-
-    @property
-    def value(self) -> int:
-        return int(self._slots.sum())
-
-    def add(self, n: int = 1) -> None:
-        worker = torch.utils.data.get_worker_info()
-        slot = 0 if worker is None else 1 + worker.id % (self.SLOTS - 1)
-        self._slots[slot] += n
-
-    def __repr__(self) -> str:
-        return f"DecodeErrorCounter({self.value})"
+def short_error(err: BaseException) -> str:
+    """`Type: first line of the message`, for one-line rejection reasons."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -6,19 +6,16 @@ taken is recorded in `rejected` with the reason (and logged as a summary), so no
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import re
 from collections import Counter
 from pathlib import Path
 
 from dinoforge.data.errors import DatasetError
+from dinoforge.data.file_list import read_file_list
+from dinoforge.data.formats import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
-
-_PATH_AND_LABEL = re.compile(r"^(.*\S)\s+(-?\d+)$")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
 
 
 class LocalFileSource:
@@ -96,81 +93,23 @@ class ImageFolderSource(LocalFileSource):
 
 
 class FileListSource(LocalFileSource):
-    """A text (`.txt`: `path [label]` per line) or CSV (`path,label` rows, optional header) list of image files.
-
-    Relative paths are resolved against the list's folder; blank lines and lines starting with `#` are ignored;
-    a missing label is -1.
-    """
+    """The images of a file list (format: `dinoforge.data.file_list`); a missing label is -1."""
 
     kind = "filelist"
     classes: list[str] | None = None
 
     def __init__(self, list_path: str | Path) -> None:
         self.root = str(list_path)
-        path = Path(list_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"file list not found: {list_path}")
         self.rejected: list[tuple[str, str]] = []
-        try:
-            rows = _read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_text_rows(path)
-        except UnicodeDecodeError as err:
-            raise DatasetError(f"{list_path}: not a file list (not UTF-8 text: {err.reason} at byte {err.start}); "
-                               "expected one 'path [label]' per line") from None
-        base = path.parent
-        self.paths: list[str] = []
-        self.labels: list[int] = []
-        for line_no, file, label in rows:
-            if not file:
-                raise DatasetError(f"{list_path}:{line_no}: empty path")
-            self.paths.append(str(base / file))  # an absolute `file` stays absolute
-            self.labels.append(label)
+        entries = read_file_list(list_path)
+        self.paths: list[str] = [str(e.path) for e in entries]
+        self.labels: list[int] = [e.label for e in entries]
         if not self.paths:
             raise DatasetError(f"{list_path}: the file list names no images")
 
     def describe(self) -> str:
         labelled = sum(label >= 0 for label in self.labels)
         return f"file list {self.root}: {len(self)} images, {labelled} with labels"
-
-
-def _parse_label(text: str, where: str) -> int:
-    try:
-        label = int(text)
-    except ValueError:
-        raise DatasetError(f"{where}: label {text!r} is not an integer class index") from None
-    if label < -1:
-        raise DatasetError(f"{where}: label {label} is negative (use -1 or leave it out for 'unknown')")
-    return label
-
-
-def _read_text_rows(path: Path) -> list[tuple[int, str, int]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            # The label is the last whitespace-separated token when it is an integer, so paths may hold spaces.
-            match = _PATH_AND_LABEL.match(line)
-            if match:
-                rows.append((line_no, match[1], _parse_label(match[2], f"{path}:{line_no}")))
-            else:
-                rows.append((line_no, line, -1))
-    return rows
-
-
-def _read_csv_rows(path: Path) -> list[tuple[int, str, int]]:
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
-                continue
-            if line_no == 1 and row[0].strip().lower() in ("path", "file", "filename", "image"):
-                continue  # header row
-            if len(row) > 2:
-                raise DatasetError(f"{path}:{line_no}: expected 'path' or 'path,label', got {len(row)} columns")
-            label = _parse_label(row[1].strip(), f"{path}:{line_no}") if len(row) == 2 and row[1].strip() else -1
-            rows.append((line_no, row[0].strip(), label))
-    return rows
 
 
 def _rejection_summary(rejected: list[tuple[str, str]]) -> str:

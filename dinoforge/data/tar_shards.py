@@ -1,10 +1,10 @@
 """Random access into WebDataset tar shards: scan the headers once, then read any sample by seeking.
 
 Streaming readers see a shard only in order; evaluation and exact-resume training need sample `i` on demand. A
-shard is scanned once (tar headers only, the data is skipped by seeking), each member name is checked (no absolute
-paths, no `..`, regular files only) and grouped by WebDataset key (`dir/key.ext`, the extension is everything after
-the first dot of the basename, lowercased, as webdataset does). A rejected member or sample is recorded with its
-reason, never dropped silently.
+shard is scanned once (tar headers only, the data is skipped by seeking), each member is checked
+(`dinoforge.data.tar_members`: safe names, regular files only) and grouped by WebDataset key (`dir/key.ext`, the
+extension is everything after the first dot of the basename, lowercased, as webdataset does). A rejected member or
+sample is recorded with its reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from tqdm import tqdm
 
 from dinoforge.data.decode import ImageDecodeError
 from dinoforge.data.errors import DatasetError
+from dinoforge.data.formats import image_member, label_member
+from dinoforge.data.tar_members import is_webdataset_metadata, member_problem, split_key
 
 logger = logging.getLogger(__name__)
-
-# Preference order when a sample carries several image members.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
-LABEL_EXTENSIONS = ("json", "cls")  # `<key>.json` with an integer "label" (curate output) or `<key>.cls` text
 
 
 @dataclass
@@ -42,28 +40,6 @@ class ShardScan:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (shard:member, reason)
 
 
-def unsafe_member_reason(name: str) -> str | None:
-    """Why a tar member name is unsafe to use as a sample key, or None when it is fine."""
-    if not name:
-        return "empty member name"
-    if "\x00" in name or "\\" in name:
-        return "member name contains a NUL byte or a backslash"
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return "absolute member path"
-    if ".." in name.split("/"):
-        return "member path escapes the archive with '..'"
-    return None
-
-
-def split_key(name: str) -> tuple[str, str] | None:
-    """`dir/key.ext.more` -> (`dir/key`, `ext.more` lowercased); None when the basename has no extension."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
 def scan_shard(path: str | Path) -> ShardScan:
     """Scan the headers of the tar at `path` into a `ShardScan`; raise `OSError`/`tarfile.TarError` if unreadable."""
     scan = ShardScan(str(path))
@@ -73,15 +49,12 @@ def scan_shard(path: str | Path) -> ShardScan:
             where = f"{path}:{info.name}"
             if info.isdir():
                 continue
-            if not info.isreg():
-                scan.rejected.append((where, "not a regular file (link or device)"))
-                continue
-            reason = unsafe_member_reason(info.name)
+            reason = member_problem(info)
             if reason is not None:
                 scan.rejected.append((where, reason))
                 continue
-            if "/" not in info.name and info.name.startswith("__") and info.name.endswith("__"):
-                continue  # webdataset's own metadata members (e.g. __index__) are not samples
+            if is_webdataset_metadata(info.name):
+                continue
             parts = split_key(info.name)
             if parts is None:
                 scan.rejected.append((where, "member name has no extension, so it belongs to no sample"))
@@ -93,11 +66,11 @@ def scan_shard(path: str | Path) -> ShardScan:
                 continue
             exts[ext] = (info.offset_data, info.size)
     for key, exts in members.items():
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in exts), None)
+        image_ext = image_member(exts)
         if image_ext is None:
             scan.rejected.append((f"{path}:{key}", f"sample has no image member (members: {', '.join(sorted(exts))})"))
             continue
-        label_ext = next((e for e in LABEL_EXTENSIONS if e in exts), "")
+        label_ext = label_member(exts) or ""
         scan.keys.append(key)
         scan.image_ext.append(image_ext)
         scan.image_span.append(exts[image_ext])

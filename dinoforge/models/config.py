@@ -1,12 +1,22 @@
-"""The one backbone config every stage builds its ViT from (training, evaluation, curation embedding, exports)."""
+"""The one backbone config every stage builds its ViT from (training, evaluation, curation embedding, exports).
+
+One schema, DINOv2's training defaults. `layerscale` (LayerScale's gamma at initialisation) is 1e-5 as in DINOv2's
+training config; it matters only for a network that starts from random weights, since loaded weights overwrite
+gamma. Evaluation's `BackboneConfig` and curation's `EmbedConfig` extend this schema with where the weights come
+from (`weights`, `seed`) and change only documented defaults: their random-init baseline (`weights: random`,
+`kind: random_vit`) uses LayerScale 1.0, as DINOv2's hub factories do, because with 1e-5 the blocks add almost
+nothing to the tokens and the [CLS] output is nearly the same for every image (k-NN top-1 on Imagenette, random
+vit_tiny at 112 px: 12% with 1e-5, 26% with 1.0, chance 10%). Weights trained without LayerScale load into
+`layerscale: null` (or 0).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from dinoforge.models.vision_transformer import build_vit
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -20,7 +30,7 @@ class ModelConfig:
     num_register_tokens: int = 0
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = False
-    layerscale: float = 1e-5
+    layerscale: float | None = 1e-5  # LayerScale init; null or 0: no LayerScale
     ffn_layer: str = "mlp"
     qkv_bias: bool = True
     proj_bias: bool = True
@@ -32,9 +42,11 @@ class ModelConfig:
     sequence_packing: bool = True  # one packed pass over global + local crops (off: two passes, for benchmarks)
 
 
-
 def build_backbone(cfg: ModelConfig, drop_path: bool = True) -> nn.Module:
     """The ViT of `cfg`; without `drop_path` for the teacher (it never drops blocks)."""
+    # imported here: the config itself stays torch-free (curation loads it in torch-free ingest workers)
+    from dinoforge.models.vision_transformer import build_vit
+
     depth = {"depth": cfg.depth} if cfg.depth else {}
     return build_vit(
         cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, num_register_tokens=cfg.num_register_tokens,
@@ -44,3 +56,13 @@ def build_backbone(cfg: ModelConfig, drop_path: bool = True) -> nn.Module:
         interpolate_offset=cfg.interpolate_offset, attn_backend=cfg.attn_backend,
         efficient_drop_path=cfg.efficient_drop_path, **depth,
     )
+
+
+@dataclass
+class PretrainedModelConfig(ModelConfig):
+    """A backbone and the weights to put in it (evaluation's and curation's models; see dinoforge.models.loading)."""
+
+    # a weights file load_pretrained accepts, a pretrain run or export directory (its model.json then replaces the
+    # architecture fields), or "random" for a seeded random init
+    weights: str = "random"
+    seed: int = 0  # random init only

@@ -9,23 +9,10 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from dinoforge.errors import CheckpointError, CheckpointMismatchError  # noqa: F401  (weights.py imports both here)
+
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _MAX_LINES = 24
-
-
-class CheckpointError(ValueError):
-    """A weights file or state dict that cannot be loaded as asked."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint's keys or shapes differ from the model's; the attributes list every difference."""
-
-    def __init__(self, message: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
-        super().__init__(message)
-        self.missing = missing
-        self.unexpected = unexpected
-        self.mismatched = mismatched
 
 
 def summarise_keys(keys: list[str]) -> list[str]:

@@ -60,11 +60,13 @@ def mask_batch_fields(masks: torch.Tensor, upperbound: int) -> dict[str, Any]:
 
 
 def stack_crops(samples: Sequence[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
-    """Crop-major stacks of the global and local crops, labels, positions and the decode-error count."""
+    """Crop-major stacks of the global and local crops, their number per image (`n_global_crops`, as the multi-crop
+    augmentation made them), labels, positions and the decode-error count."""
     n_global = len(samples[0]["global_crops"])
     n_local = len(samples[0]["local_crops"])
     batch: dict[str, Any] = {
         "global_crops": torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples]).to(dtype),
+        "n_global_crops": n_global,  # the loss pairs crops by it (SSLMetaArch)
         "n_decode_errors": sum(int(s.get("n_decode_errors", 0)) for s in samples),
     }
     if n_local:
@@ -90,7 +92,8 @@ def collate_multicrop(
 ) -> dict[str, Any]:
     """Collate multi-crop samples (dicts with "global_crops", "local_crops", optional "label", "n_decode_errors").
 
-    Returns `global_crops` [2B,3,H,W], `local_crops` [nL*B,3,h,w] (crop-major), `masks` [2B, n_tokens] bool,
+    Returns `global_crops` [2B,3,H,W], `local_crops` [nL*B,3,h,w] (crop-major), `n_global_crops` (2: the
+    augmentation's count, which the loss pairs crops by), `masks` [2B, n_tokens] bool,
     `mask_indices` [M], `masks_weight` [M], `n_masked_patches` (LongTensor [1] holding M), `upperbound`, `labels`
     [B] when every sample has one, `n_decode_errors`. Mask ratios are stratified over this batch's global crops
     and drawn from `rng` (default: the `random` module, which DataLoader seeds per worker).

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 BLUR_SEMANTICS = ("standard", "dinov2_legacy")
 
 

@@ -11,9 +11,9 @@ its shard and key, and skipped.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -23,9 +23,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dinoforge.data.datasets import shard_paths
-from dinoforge.data.decode import DEFAULT_MAX_PIXELS, DecodeErrorCounter, ImageDecodeError, decode_image
-from dinoforge.data.tar_shards import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, parse_label
+from dinoforge.collectives import current_rank, current_world_size
+from dinoforge.data.dataset_spec import shard_paths
+from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image
+from dinoforge.data.error_counter import DecodeErrorCounter
+from dinoforge.data.formats import image_member, label_member
+from dinoforge.data.tar_shards import parse_label
+from dinoforge.launch import is_distributed, launch_place
 from pretrain.data.seeding import STREAM_SHARDS, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ def webdataset_stream(
     rank: int | None = None,
     world: int | None = None,
     with_labels: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     shuffle_buffer: int = 0,
     as_dict: bool = False,
 ) -> WebDatasetStream:
@@ -67,7 +71,7 @@ def webdataset_stream(
     `urls`: a list of shard paths, a brace pattern, a `.tar`, a directory of shards or a `curate` run/shard folder.
     Yields `(image, label)` (label -1 when the sample has none), `image` when `with_labels=False`, or with
     `as_dict=True` a dict with image, label, key, url and n_decode_errors (samples skipped just before this one).
-    `rank`/`world` default to torch.distributed's, then to the RANK/WORLD_SIZE environment variables.
+    `rank`/`world` default to torch.distributed's, then to the launcher's (`dinoforge.launch.launch_place`).
     """
     shards = list(urls) if isinstance(urls, (list, tuple)) else shard_paths(str(urls))
     if not shards:
@@ -83,7 +87,8 @@ def webdataset_stream(
     stages: list[Any] = [*source, wds.tarfile_to_samples(handler=ShardErrorHandler(shard_errors))]
     if shuffle_buffer > 1:
         stages.append(partial(shuffle_samples, buffer_size=shuffle_buffer, seed=seed, rank=rank))
-    stages.append(DecodeStage(transform, with_labels, max_pixels, decode_errors, as_dict))
+    policy = DEFAULT_POLICY if max_pixels is None else replace(DEFAULT_POLICY, max_pixels=max_pixels)
+    stages.append(DecodeStage(transform, with_labels, policy, decode_errors, as_dict))
     return WebDatasetStream(*stages, decode_errors=decode_errors, shard_errors=shard_errors)
 
 
@@ -126,13 +131,13 @@ class DecodeStage:
         self,
         transform: Callable[[Image.Image], Any] | None,
         with_labels: bool,
-        max_pixels: int,
+        policy: DecodePolicy,
         counter: DecodeErrorCounter,
         as_dict: bool,
     ) -> None:
         self.transform = transform
         self.with_labels = with_labels
-        self.max_pixels = max_pixels
+        self.policy = policy
         self.counter = counter
         self.as_dict = as_dict
 
@@ -156,13 +161,13 @@ class DecodeStage:
             skipped = 0
 
     def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image, int]:
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        members = [k for k in sample if not k.startswith("__")]
+        image_ext = image_member(members)
         if image_ext is None:
-            members = ", ".join(k for k in sample if not k.startswith("__"))
-            raise ImageDecodeError(f"sample has no image member (members: {members})")
-        image = decode_image(sample[image_ext], self.max_pixels)
+            raise ImageDecodeError(f"sample has no image member (members: {', '.join(members)})")
+        image = decode_image(sample[image_ext], self.policy)
         label = -1
-        label_ext = next((e for e in LABEL_EXTENSIONS if e in sample), None)
+        label_ext = label_member(members)
         if self.with_labels and label_ext is not None:
             try:
                 label = parse_label(sample[label_ext], label_ext)
@@ -182,10 +187,12 @@ def _worker_seed(rank: int) -> int:
 
 
 def _rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    """The explicit (rank, world), else the process group's, else the launcher's (torchrun or Slurm variables)."""
     if rank is not None and world is not None:
         if not 0 <= rank < world:
             raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
         return rank, world
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if is_distributed():
+        return current_rank(), current_world_size()
+    place = launch_place()
+    return place.rank, place.world_size

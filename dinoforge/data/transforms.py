@@ -1,12 +1,31 @@
-"""The standard classification eval transform: resize the short side, center crop, to float, normalise."""
+"""The standard classification eval transform (resize the short side, center crop, to float, normalise), used by
+evaluation, the in-training monitor and curation embedding alike; and the ImageNet normalisation every stage uses."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from evaluation.config import EvalTransformConfig
+from dinoforge.data.decode import to_rgb as decoded_rgb
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class EvalTransformConfig:
+    """The standard classification eval transform: resize the short side, center crop, normalise."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bicubic"  # bilinear | bicubic | nearest
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
 
 INTERPOLATIONS = {
     "bicubic": InterpolationMode.BICUBIC,
@@ -41,7 +60,8 @@ def make_eval_transform(cfg: EvalTransformConfig) -> v2.Compose:
 
 
 def to_rgb(image: object) -> object:
-    """PIL images in any mode -> RGB (alpha dropped); tensors pass through (`v2.RGB` handles 1-channel ones)."""
-    if isinstance(image, Image.Image) and image.mode != "RGB":
-        return image.convert("RGB")
+    """PIL images -> RGB by the one decoder's default policy (as training and curation see them); tensors pass
+    through (`v2.RGB` handles 1-channel ones)."""
+    if isinstance(image, Image.Image):
+        return decoded_rgb(image)
     return image

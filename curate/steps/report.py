@@ -1,0 +1,24 @@
+"""The report step: report/index.html (counts, histograms, image grids) for whichever steps have run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from curate.report import write_report
+
+if TYPE_CHECKING:
+    from curate.config import CurateConfig
+    from curate.steps.runner import StepContext
+
+
+def config(cfg: CurateConfig) -> dict:
+    return {"report": dataclasses.asdict(cfg.report), "thresholds": [cfg.dedup.threshold, cfg.dedup.eval_threshold]}
+
+
+def run(cfg: CurateConfig, context: StepContext) -> dict:
+    """Render the report of whatever has run."""
+    rundir = context.rundir
+    path = write_report(rundir, cfg.report, cfg.ingest.limits, cfg.dedup.threshold, cfg.dedup.eval_threshold,
+                        steps=context.steps)
+    return {"html": str(path.relative_to(rundir.root)), "bytes": path.stat().st_size}
