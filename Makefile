@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		command -v slurmctld >/dev/null && command -v munged >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; }; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null || \
+		  echo "Slurm/munge install failed: slurm-marked tests will skip"; }; \
 	else echo "not root: skipping Slurm/munge install (slurm-marked tests will skip)"; fi
 
 lint: venv

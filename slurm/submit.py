@@ -1,0 +1,301 @@
+"""Submitting a stage as submitit jobs: pretraining as one multi-node multi-task job, curation as a chain of jobs
+(partitioned steps as arrays with bounded parallelism, then a closing task) linked by `afterok` dependencies,
+evaluation as one job. A job that fails cancels the jobs after it (`--kill-on-invalid-dep`); `failure_report` says
+what it ran, where its log is and how to rerun it alone (one array task: `curate STEP CONFIG --partitions P`), and a
+resubmitted curation run leaves out the steps that are complete.
+
+Every job calls the stage's own command-line entry (`pretrain.__main__.main([...])` ...), so a job runs exactly what
+`python -m STAGE ...` runs; ranks and the rendezvous come from Slurm's variables through `dinoforge.launch`.
+Jobs are `Checkpointable`: on USR2 (preemption, or `signal_delay_s` before the time limit) submitit requeues them
+(after a time-out at most `max_requeues` times) and the requeued job resumes from the stage's own state (the latest
+complete training checkpoint, the curation step markers).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from slurm.profile import ClusterProfile
+
+STAGES = ("pretrain", "curate", "evaluation")
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED_FINAL")
+
+
+def stage_main(stage: str):
+    """The command-line entry of a stage (imported in the job, not at submission)."""
+    if stage == "pretrain":
+        from pretrain.__main__ import main
+    elif stage == "curate":
+        from curate.__main__ import main
+    elif stage == "evaluation":
+        from evaluation.__main__ import main
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    return main
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """`python -m STAGE ARGV` inside a job; a non-zero exit fails the job. Requeued as is: the stage resumes itself."""
+
+    def __init__(self, stage: str, argv: list[str], cwd: str) -> None:
+        self.stage, self.argv, self.cwd = stage, list(argv), cwd
+
+    def __call__(self) -> int:
+        os.chdir(self.cwd)  # relative paths in configs mean the same in the job as at submission
+        code = stage_main(self.stage)(self.argv)
+        if code:
+            raise RuntimeError(f"python -m {self.stage} {' '.join(self.argv)} exited with {code}")
+        return 0
+
+    def __repr__(self) -> str:
+        return f"StageJob(python -m {self.stage} {' '.join(self.argv)})"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One submission: a job (or an array of `len(argvs)` tasks) after the jobs of `after` (indices) succeed."""
+
+    name: str
+    argvs: list[list[str]]
+    multi_task: bool  # one task per GPU over all nodes (training); otherwise one task
+    after: tuple[int, ...] = ()
+
+
+def plan(stage: str, args: list[str]) -> tuple[Path, list[JobSpec]]:
+    """The run directory and the jobs of `python -m STAGE ARGS`, checked here (a bad config fails before submission)."""
+    if stage == "pretrain":
+        from dinoforge.config import load_config
+        from pretrain.train_config import TrainConfig
+
+        argv = args if args[:1] in (["train"], ["export"]) else ["train", *args]
+        if argv[0] != "train":
+            return Path(argv[1]), [JobSpec("pretrain-export", [argv], multi_task=False)]
+        config, overrides = argv[1], [a for a in argv[2:] if not a.startswith("-")]
+        run_dir = load_config(TrainConfig, config, overrides).run_dir
+        return run_dir, [JobSpec(f"pretrain-{run_dir.name}", [argv], multi_task=True)]
+    if stage == "curate":
+        return _plan_curation(args)
+    if stage == "evaluation":
+        from evaluation.__main__ import build_parser
+
+        parsed = build_parser().parse_intermixed_args(args)
+        return Path(parsed.out or Path("runs") / "eval"), [JobSpec(f"eval-{parsed.task}", [args], multi_task=True)]
+    raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+
+
+def _plan_curation(args: list[str]) -> tuple[Path, list[JobSpec]]:
+    """`[STEP] CONFIG [overrides] [--partitions LIST]`: one step, or (`run` or no step) every step in order.
+
+    `run` leaves out the leading steps that are complete already (their markers current at submission), so that
+    resubmitting a run after a failure queues only what is left. `--partitions` (a partitioned step only) runs
+    those partitions as the array, then the closing task; how one failed array task is rerun alone.
+    """
+    from curate.config import load_curate_config
+    from curate.partition import parse_partition_list
+    from curate.steps import STEPS as REGISTRY
+
+    steps_in_order = tuple(step.name for step in REGISTRY)
+    partitioned = {step.name for step in REGISTRY if step.partitioned}
+    args, partitions_spec = _pop_option(args, "--partitions")
+    if args and args[0] in (*steps_in_order, "run"):
+        command, rest = args[0], args[1:]
+    else:
+        command, rest = "run", args
+    if not rest:
+        raise ValueError("curate needs a CONFIG: python -m slurm submit curate [STEP] CONFIG [key=value ...]")
+    config, overrides = rest[0], rest[1:]
+    cfg = load_curate_config(config, overrides)
+    if partitions_spec is not None and command not in partitioned:
+        raise ValueError(f"--partitions applies to one partitioned step ({', '.join(sorted(partitioned))}), "
+                         f"not to {command!r}: python -m slurm submit curate STEP CONFIG --partitions LIST")
+    partitions = (parse_partition_list(partitions_spec, cfg.partitions) if partitions_spec is not None
+                  else list(range(cfg.partitions)))
+    if command == "run":
+        done = completed_steps(cfg)
+        steps = steps_in_order[next((i for i, name in enumerate(steps_in_order) if name not in done),
+                                    len(steps_in_order)):]
+    else:
+        steps = (command,)
+    jobs: list[JobSpec] = []
+    for step in steps:
+        after = (len(jobs) - 1,) if jobs else ()
+        if step in partitioned and (cfg.partitions > 1 or partitions_spec is not None):
+            tasks = [[step, config, *overrides, "--partitions", str(p)] for p in partitions]
+            jobs.append(JobSpec(f"curate-{step}", tasks, multi_task=False, after=after))
+            # the closing task finds every partition done and writes the step's marker
+            jobs.append(JobSpec(f"curate-{step}-close", [[step, config, *overrides]], False, (len(jobs) - 1,)))
+        else:
+            jobs.append(JobSpec(f"curate-{step}", [[step, config, *overrides]], multi_task=False, after=after))
+    return cfg.run_dir, jobs
+
+
+def _pop_option(args: list[str], name: str) -> tuple[list[str], str | None]:
+    """`args` without `name VALUE` (or `name=VALUE`), and VALUE (None when absent)."""
+    rest, value = [], None
+    items = iter(args)
+    for arg in items:
+        if arg == name:
+            value = next(items, None)
+            if value is None:
+                raise ValueError(f"{name} needs a value, e.g. {name} 3 or {name} 0-7")
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, value
+
+
+def completed_steps(cfg) -> set[str]:
+    """The curation steps whose markers are current for `cfg` (what `python -m curate` would skip)."""
+    from curate.rundir import RunDir
+    from curate.steps import STEPS as REGISTRY
+    from curate.steps.runner import StepOrderError, expected_fingerprint, step_named
+
+    rundir = RunDir(cfg.run_dir)
+    done = set()
+    for step in REGISTRY:
+        try:
+            expected = expected_fingerprint(REGISTRY, rundir, step.name,
+                                            lambda name: step_named(REGISTRY, name).config(cfg),
+                                            required=step.requires_upstream)
+        except StepOrderError:
+            continue
+        if rundir.read_marker(step.name) is not None and rundir.is_done(step.name, expected):
+            done.add(step.name)
+    return done
+
+
+def make_executor(folder: Path, profile: ClusterProfile, multi_task: bool) -> submitit.SlurmExecutor:
+    """A submitit Slurm executor with the profile's resources; job folders `folder/%j`."""
+    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=profile.max_requeues)
+    params = {
+        "partition": profile.partition, "account": profile.account, "qos": profile.qos,
+        "constraint": profile.constraint, "exclude": profile.exclude,
+        "nodes": profile.nodes if multi_task else 1,
+        "ntasks_per_node": profile.ntasks_per_node if multi_task else 1,
+        "gpus_per_node": (profile.gpus_per_node if multi_task else min(1, profile.gpus_per_node)) or None,
+        "cpus_per_task": profile.cpus_per_task,
+        "mem": f"{int(profile.mem_gb * 1024)}MB" if profile.mem_gb else None,
+        "time": profile.timeout_min, "signal_delay_s": profile.signal_delay_s,
+        "array_parallelism": profile.array_parallelism, "setup": list(profile.setup) or None,
+        "additional_parameters": dict(profile.additional) or None,
+    }
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def submit(stage: str, args: list[str], profile: ClusterProfile, folder: Path | None = None,
+           cwd: str | None = None) -> tuple[Path, list[list[submitit.Job]]]:
+    """Submit the jobs of `python -m STAGE ARGS`; returns the job folder and the jobs of each JobSpec."""
+    cwd = cwd or os.getcwd()
+    run_dir, specs = plan(stage, args)
+    folder = Path(folder or Path(cwd) / run_dir / "slurm")
+    submitted: list[list[submitit.Job]] = []
+    for spec in specs:
+        executor = make_executor(folder, profile, spec.multi_task)
+        params: dict[str, object] = {"job_name": spec.name}
+        if spec.after:
+            ids = [job.job_id.split("_")[0] for i in spec.after for job in submitted[i]]
+            params["dependency"] = "afterok:" + ":".join(dict.fromkeys(ids))
+            # a failed job cancels the jobs after it (state CANCELLED), rather than leaving them pending forever
+            params["additional_parameters"] = {**profile.additional, "kill_on_invalid_dep": "yes"}
+        executor.update_parameters(**params)
+        fns = [StageJob(stage, argv, cwd) for argv in spec.argvs]
+        if len(fns) == 1:
+            submitted.append([executor.submit(fns[0])])
+        else:
+            with executor.batch():
+                jobs = [executor.submit(fn) for fn in fns]
+            submitted.append(jobs)
+    return folder, submitted
+
+
+def run_local(stage: str, args: list[str], cwd: str | None = None) -> int:
+    """The jobs' code path in this process, one job after another (array tasks in turn)."""
+    _, specs = plan(stage, args)
+    for spec in specs:
+        for argv in spec.argvs:
+            StageJob(stage, argv, cwd or os.getcwd())()
+    return 0
+
+
+def job_state(job: submitit.Job) -> str:
+    """The scheduler's state of a job: `scontrol show job` while the controller remembers it (clusters without
+    accounting, such as the local one, have no sacct), else sacct through submitit's watcher."""
+    state = scontrol_fields(job.job_id).get("JobState")
+    if state:
+        return state
+    state = job.watcher.get_state(job.job_id, mode="force")
+    return state.split()[0] if state else "UNKNOWN"
+
+
+def wait(jobs: list[submitit.Job], timeout: float, poll_s: float = 2.0) -> dict[str, str]:
+    """Each job's final state once all are finished; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    pending = list(jobs)
+    while pending:
+        for job in pending:
+            state = job_state(job)
+            if state == "UNKNOWN" and job.paths.result_pickle.exists():
+                state = "COMPLETED" if submitit.core.utils.pickle_load(job.paths.result_pickle)[0] == "success" \
+                    else "FAILED"
+            if state in TERMINAL_STATES:
+                states[job.job_id] = state
+        pending = [job for job in pending if job.job_id not in states]
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"jobs {[j.job_id for j in pending]} not finished after {timeout:.0f} s: "
+                               f"{ {j.job_id: job_state(j) for j in pending} }")
+        if pending:
+            time.sleep(poll_s)
+    return states
+
+
+def log_tail(job: submitit.Job, lines: int = 30) -> str:
+    text = []
+    for path in (job.paths.stdout, job.paths.stderr):
+        if path.is_file():
+            text.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(text)
+
+
+def job_command(job: submitit.Job) -> tuple[str, list[str]] | None:
+    """The stage and arguments a job runs, from its submitted pickle (None when that cannot be read)."""
+    try:
+        function = job.submission().function
+    except (OSError, EOFError, AttributeError, ValueError):
+        return None
+    return (function.stage, function.argv) if isinstance(function, StageJob) else None
+
+
+def failure_report(job: submitit.Job, state: str, lines: int = 8) -> str:
+    """What a job that did not complete ran, where its log is (with its last lines), and how to rerun it alone."""
+    command = job_command(job)
+    what = f"python -m {command[0]} {shlex.join(command[1])}" if command else "?"
+    if state == "CANCELLED" and not job.paths.stderr.exists():
+        return f"job {job.job_id} {state} ({what}): never started: {scontrol_fields(job.job_id).get('Reason', '')}"
+    text = [f"job {job.job_id} {state} ({what})", f"  log: {job.paths.stderr}"]
+    if job.paths.stderr.is_file():
+        log = job.paths.stderr.read_text(errors="replace").splitlines()
+        # the stage's own last words come before submitit's traceback of the job function (which only says that
+        # the stage exited non-zero); a crash inside the stage is that traceback's end
+        cut = next((i for i, line in enumerate(log) if "Submitted job triggered an exception" in line), None)
+        shown = log[:cut][-lines:] + log[-2:] if cut else log[-lines:]
+        text += ["    " + line[-400:] for line in shown]
+    if command:
+        text.append(f"  rerun it alone: python -m slurm submit {command[0]} {shlex.join(command[1])}")
+    return "\n".join(text)
+
+
+def scontrol_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job` of one job as a dict (empty once the controller has forgotten the job)."""
+    result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)

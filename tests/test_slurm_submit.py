@@ -1,0 +1,168 @@
+"""Stages submitted through submitit to the local Slurm: a 2-task CPU pretraining job (ranks from Slurm through
+dinoforge.launch, gloo) gives the same losses as 2 processes under torchrun, and a requeued job resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"
+LOSS_KEYS = ("total_loss", "dino_loss", "ibot_loss")
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / f"class{label}").mkdir()
+        for i in range(16):
+            pixels = rng.integers(0, 60, size=(48, 48, 3), dtype=np.uint8)
+            x, y = rng.integers(0, 24, size=2)
+            pixels[y : y + 24, x : x + 24, label] = 220
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def tiny_overrides(data: Path, out: Path, name: str, steps: int = 4, **extra: object) -> list[str]:
+    """tests/test_train.py's tiny recipe, 4 images per rank, KoLeo off (a per-process statistic)."""
+    values = {
+        "name": name, "output_dir": str(out), "total_steps": steps, "log_every": 1, "checkpoint_every": 0,
+        "data.dataset": str(data), "data.batch_size_per_rank": 4, "data.num_workers": 0,
+        "data.multicrop.global_crops_size": 32, "data.multicrop.local_crops_size": 16,
+        "data.multicrop.local_crops_number": 2, "model.depth": 2, "loss.koleo_loss_weight": 0.0,
+        "loss.dino_head.out_dim": 64, "loss.dino_head.hidden_dim": 32, "loss.dino_head.bottleneck_dim": 16,
+        "optim.warmup_steps": 2, "optim.warmup_teacher_temp_steps": 2, "optim.freeze_last_layer_steps": 1,
+        "peak_tflops": 1.0, **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, ...]]:
+    from pretrain.metrics import read_metrics
+
+    return {int(r["step"]): tuple(r[k] for k in LOSS_KEYS) for r in read_metrics(run_dir)}
+
+
+def torchrun(overrides: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("SLURM_CONF", None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "pretrain", "train", str(CONFIG), *overrides], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def submit_training(overrides: list[str], **profile_values):
+    from slurm import submit
+    from slurm.profile import load_profile
+
+    profile = load_profile("local", [f"{k}={v}" for k, v in {"tasks_per_node": 2, **profile_values}.items()])
+    os.environ["OMP_NUM_THREADS"] = "1"  # exported to the job by sbatch
+    folder, jobs = submit.submit("pretrain", [str(CONFIG), *overrides], profile, cwd=str(REPO))
+    (job,) = jobs[0]
+    return submit, folder, job
+
+
+@pytest.mark.timeout(900)
+def test_two_task_slurm_job_matches_two_process_torchrun(slurm_cluster, image_folder, tmp_path):
+    submit, folder, job = submit_training(tiny_overrides(image_folder, tmp_path, "slurm"))
+    assert folder == tmp_path / "slurm" / "slurm" and job.paths.folder == folder / job.job_id
+    states = submit.wait([job], timeout=400)
+    assert states == {job.job_id: "COMPLETED"}, submit.log_tail(job)
+    assert "global_rank=1(2)" in job.paths.folder.joinpath(f"{job.job_id}_1_log.out").read_text()
+    torchrun(tiny_overrides(image_folder, tmp_path, "torchrun"))
+    slurm_losses, torchrun_losses = losses(tmp_path / "slurm"), losses(tmp_path / "torchrun")
+    assert slurm_losses.keys() == torchrun_losses.keys() == {0, 1, 2, 3}
+    for step in slurm_losses:
+        np.testing.assert_allclose(slurm_losses[step], torchrun_losses[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def scontrol_field(job_id: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}=")), "")
+
+
+@pytest.mark.timeout(900)
+def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, image_folder, tmp_path):
+    """USR2 (what Slurm sends before preempting) -> submitit requeues the job -> it resumes from the latest complete
+    checkpoint and ends with the losses of an uninterrupted run."""
+    common = {"total_steps": 12, "checkpoint_every": 4}
+    submit, _, job = submit_training(tiny_overrides(image_folder, tmp_path, "preempted", **common))
+    latest = tmp_path / "preempted" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 400
+    polls = 0
+    while not (latest.is_file() and latest.read_text().strip() == "step_00000004"):
+        assert time.monotonic() < deadline, submit.log_tail(job)
+        polls += 1
+        if polls % 20 == 0:  # every 2 s: scontrol is a process, and the machine has 2 cores
+            assert submit.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), submit.log_tail(job)
+        time.sleep(0.1)
+    job._interrupt()  # scancel --signal SIGTERM, then USR2: a preemption
+    states = submit.wait([job], timeout=500)
+    assert states == {job.job_id: "COMPLETED"}, submit.log_tail(job)
+    assert int(scontrol_field(job.job_id, "Restarts")) >= 1
+    log = job.paths.stderr.read_text()
+    assert "resumed from step" in log, submit.log_tail(job)
+    torchrun(tiny_overrides(image_folder, tmp_path, "straight", **common))
+    preempted, straight = losses(tmp_path / "preempted"), losses(tmp_path / "straight")
+    assert preempted.keys() == straight.keys() == set(range(12))
+    for step in preempted:
+        np.testing.assert_allclose(preempted[step], straight[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def train_in_process(overrides: list[str], log: Path) -> subprocess.Popen:
+    """`python -m pretrain train` as one plain process (no Slurm, no torchrun), started and left running."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("SLURM_CONF", None)
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pretrain", "train", str(CONFIG), *overrides], cwd=REPO,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+# Enough steps that one 1-minute allocation cannot finish them: Slurm checks limits every 30 s, so USR2 comes 25 to
+# 55 s after the start (`signal_delay_s=5` before the limit, plus up to one check's period).
+TIME_LIMITED_STEPS = 48
+
+
+@pytest.mark.timeout(900)
+def test_time_limit_requeues_until_done_and_max_requeues_bounds_it(slurm_cluster, image_folder, tmp_path):
+    """`--timeout-min 1`: Slurm signals the job before its limit, submitit requeues it, it resumes from its latest
+    checkpoint each time and ends at its step count with the losses of an uninterrupted run; with `max_requeues=0`
+    the first time-out ends the job, saying why."""
+    common = {"total_steps": TIME_LIMITED_STEPS, "checkpoint_every": 1}
+    limits = {"tasks_per_node": 1, "timeout_min": 1, "signal_delay_s": 5}
+    submit, _, job = submit_training(tiny_overrides(image_folder, tmp_path, "limited", **common), max_requeues=8,
+                                     **limits)
+    _, _, bounded = submit_training(tiny_overrides(image_folder, tmp_path, "bounded", **common), max_requeues=0,
+                                    **limits)
+    straight_log = tmp_path / "straight.log"
+    straight = train_in_process(tiny_overrides(image_folder, tmp_path, "straight", **common), straight_log)
+    try:
+        states = submit.wait([job, bounded], timeout=700)
+        assert straight.wait(timeout=300) == 0, straight_log.read_text()[-3000:]
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+            straight.wait(timeout=30)
+    assert states[bounded.job_id] == "FAILED", submit.log_tail(bounded)
+    assert "Job not requeued because: timed-out too many times" in bounded.paths.stderr.read_text()
+    assert states[job.job_id] == "COMPLETED", submit.log_tail(job)
+    restarts = int(scontrol_field(job.job_id, "Restarts"))
+    assert restarts >= 1, f"the job finished within its first minute: raise TIME_LIMITED_STEPS\n{submit.log_tail(job)}"
+    log = job.paths.stderr.read_text()
+    assert "this job is timed-out" in log and "resumed from step" in log, submit.log_tail(job)
+    limited, uninterrupted = losses(tmp_path / "limited"), losses(tmp_path / "straight")
+    assert limited.keys() == uninterrupted.keys() == set(range(TIME_LIMITED_STEPS))
+    for step in limited:
+        np.testing.assert_allclose(limited[step], uninterrupted[step], rtol=1e-6, err_msg=f"step {step}")
