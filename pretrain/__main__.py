@@ -1,4 +1,5 @@
-"""Command line of the pretraining stage: `python -m pretrain train CONFIG [key=value ...]`."""
+"""Command line of the pretraining stage: `python -m pretrain train CONFIG [key=value ...]`, `export RUN`,
+`plot RUN`."""
 
 from __future__ import annotations
 
@@ -21,12 +22,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Consolidate the teacher of a checkpoint (any number of shards) into RUN/export.")
     export.add_argument("run_dir", help="a pretrain run directory, e.g. runs/pretrain/cpu_tiny")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    plot = commands.add_parser(
+        "plot", help="losses, teacher entropy against log K, schedules and k-NN of a run, as RUN/curves.png",
+        description="Plot a run's metrics.jsonl: what a run that learns (or stalls) looks like.")
+    plot.add_argument("run_dir", help="a pretrain run directory")
+    plot.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
     args = parser.parse_args(argv)
     # After parsing: --help answers without importing torch.
     from dinoforge.data.errors import DatasetError
     from dinoforge.models import CheckpointError
 
     try:
+        if args.command == "plot":
+            from pretrain.plot import plot_run
+
+            print(plot_run(args.run_dir, args.out))
+            return 0
         if args.command == "export":
             from pretrain.export import export_run
 

@@ -8,7 +8,11 @@ import logging
 import math
 from pathlib import Path
 
+import pytest
+from PIL import Image
+
 from dinoforge.config import load_config
+from pretrain.__main__ import main
 from pretrain.signal_watch import SignalWatch
 from pretrain.train import train
 from pretrain.train_config import TrainConfig
@@ -37,30 +41,50 @@ def test_collapse_is_judged_against_what_the_batch_can_spread_over():
     assert [p.shape for p in problems] == ["collapse"] and "loss.centering" in problems[0].message
 
 
-def forced_run(folder: Path, out: Path, name: str, **extra: object) -> list[dict]:
+def forced_run(folder: Path, out: Path, name: str, **extra: object) -> Path:
     values = {"name": name, "output_dir": str(out), "total_steps": 4, "log_every": 1, "checkpoint_every": 0,
               "peak_tflops": 1.0, "data.dataset": str(folder), "data.batch_size_per_rank": 8,
               "data.num_workers": 0, "model.depth": 2, "data.multicrop.global_crops_size": 16,
               "data.multicrop.local_crops_size": 8, "data.multicrop.local_crops_number": 2,
               "loss.dino_head.out_dim": K, "loss.ibot_head.out_dim": K, "optim.warmup_steps": 2,
               "optim.freeze_last_layer_steps": 0, **extra}
-    run = train(load_config(TrainConfig, CPU_TINY, [f"{k}={v}" for k, v in values.items()]))
+    return train(load_config(TrainConfig, CPU_TINY, [f"{k}={v}" for k, v in values.items()]))
+
+
+def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_with_muted_blocks_reports_uniform_targets(noise_image_folder, tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def muted_run(noise_image_folder, tmp_path_factory, one_thread) -> Path:
     """LayerScale 1e-5 gives every image the same CLS token: Sinkhorn-Knopp's targets are exactly uniform."""
-    records = forced_run(noise_image_folder, tmp_path, "uniform", **{"model.layerscale": 1e-5})
-    entropies = [r["teacher_entropy"] for r in records if "teacher_entropy" in r]
+    return forced_run(noise_image_folder, tmp_path_factory.mktemp("runs"), "uniform", **{"model.layerscale": 1e-5})
+
+
+def test_a_run_with_muted_blocks_reports_uniform_targets(muted_run):
+    entropies = [r["teacher_entropy"] for r in records(muted_run) if "teacher_entropy" in r]
     assert min(entropies) > 0.999 * math.log(K)
-    notes = [r for r in records if "signal_problem" in r]
+    notes = [r for r in records(muted_run) if "signal_problem" in r]
     assert [(r["step"], r["signal_problem"]) for r in notes] == [(2, "uniform_targets")]
 
 
 def test_a_run_without_sinkhorn_knopp_and_a_cold_teacher_reports_collapse(noise_image_folder, tmp_path,
                                                                            one_thread):
     """Identical CLS tokens, no centering update and a near-zero temperature: one prototype for every image."""
-    records = forced_run(noise_image_folder, tmp_path, "collapse", **{
+    run = forced_run(noise_image_folder, tmp_path, "collapse", **{
         "model.layerscale": 1e-5, "loss.centering": "centering", "loss.center_momentum": 1.0,
         "optim.teacher_temp": 0.001, "optim.warmup_teacher_temp": 0.001})
-    assert [r["signal_problem"] for r in records if "signal_problem" in r] == ["collapse"]
+    assert [r["signal_problem"] for r in records(run) if "signal_problem" in r] == ["collapse"]
+
+
+def test_plot_writes_the_curves_of_a_run(muted_run, tmp_path):
+    assert main(["plot", str(muted_run), "--out", str(tmp_path / "c.png")]) == 0
+    with Image.open(tmp_path / "c.png") as image:
+        assert image.format == "PNG" and image.width > 1000
+    assert main(["plot", str(muted_run)]) == 0 and (muted_run / "curves.png").is_file()
+
+
+def test_plot_of_a_run_without_metrics_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main(["plot", str(tmp_path)]) == 1
+    assert "has no logged step yet" in capsys.readouterr().err

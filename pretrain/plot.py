@@ -1,0 +1,60 @@
+"""`python -m pretrain plot RUN`: the curves a user checks first, from RUN/metrics.jsonl, as one PNG.
+
+Panels: the losses against log K (a DINO loss stuck at log K means the targets carry no signal), the teacher's
+target entropy against log K (uniform near the top, collapsed near the bottom), the learning rate and teacher
+temperature, and the in-training k-NN accuracy when the monitor ran.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from dinoforge.config import load_config
+from pretrain.metrics import read_metrics
+
+PANELS = (
+    ("losses", ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")),
+    ("teacher target entropy", ("teacher_entropy", "teacher_mean_entropy")),
+    ("schedules", ("lr", "teacher_temp")),
+    ("k-NN accuracy", ()),  # every key the monitor wrote (knn_top1_*)
+)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's curves to `out` (default RUN/curves.png) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    from pretrain.train_config import TrainConfig
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} has no logged step yet: train first, or wait for the "
+                                "first log_every steps")
+    cfg = load_config(TrainConfig, run_dir / "config.yaml")
+    log_k = math.log(cfg.loss.dino_head.out_dim)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    for ax, (title, keys) in zip(axes, PANELS, strict=True):
+        keys = keys or tuple(sorted({k for r in records for k in r if k.startswith("knn")}))
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
+        if title in ("losses", "teacher target entropy"):
+            ax.axhline(log_k, color="grey", linestyle="--", linewidth=1, label=f"log K = {log_k:.2f}")
+        if title == "schedules":
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{run_dir.name}: {len(records)} logged steps")
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
