@@ -62,3 +62,18 @@ def noise_image_folder(tmp_path_factory) -> Path:
         for i in range(8):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"c{label}/{i}.jpg")
     return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """48 small JPEGs in 3 classes of coloured shapes: what a few training steps can tell apart."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / f"class{label}").mkdir()
+        for i in range(16):
+            pixels = rng.integers(0, 60, size=(48, 48, 3), dtype=np.uint8)
+            x, y = rng.integers(0, 24, size=2)
+            pixels[y : y + 24, x : x + 24, label] = 220
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.jpg", quality=90)
+    return root

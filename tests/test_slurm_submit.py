@@ -11,27 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"
 LOSS_KEYS = ("total_loss", "dino_loss", "ibot_loss")
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (root / f"class{label}").mkdir()
-        for i in range(16):
-            pixels = rng.integers(0, 60, size=(48, 48, 3), dtype=np.uint8)
-            x, y = rng.integers(0, 24, size=2)
-            pixels[y : y + 24, x : x + 24, label] = 220
-            Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.jpg", quality=90)
-    return root
 
 
 def tiny_overrides(data: Path, out: Path, name: str, steps: int = 4, **extra: object) -> list[str]:
