@@ -78,30 +78,52 @@ def scontrol_field(job_id: str, name: str) -> str:
     return next((f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}=")), "")
 
 
+def latest_step(run_dir: Path) -> int:
+    """The step of the latest complete checkpoint (-1 before the first)."""
+    latest = run_dir / "checkpoints" / "latest"
+    text = latest.read_text().strip() if latest.is_file() else ""
+    return int(text.rsplit("_", 1)[1]) if text.startswith("step_") else -1
+
+
+def wait_for(condition, job, submit, timeout: float, what: str) -> None:
+    """Poll `condition()` every 0.2 s until true; the job must stay alive or be in requeue (checked every 2 s:
+    scontrol is a process, and the machine has 2 cores)."""
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s\n{submit.log_tail(job)}"
+        polls += 1
+        if polls % 10 == 0:
+            state = submit.job_state(job)
+            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), submit.log_tail(job)
+        time.sleep(0.2)
+
+
 @pytest.mark.timeout(900)
 def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, image_folder, tmp_path):
-    """USR2 (what Slurm sends before preempting) -> submitit requeues the job -> it resumes from the latest complete
-    checkpoint and ends with the losses of an uninterrupted run."""
-    common = {"total_steps": 12, "checkpoint_every": 4}
+    """One job interrupted twice: `scontrol requeue` (an operator's requeue: the job is killed and queued again),
+    then USR2 (what Slurm sends before preempting; submitit requeues the job). Each time it resumes from the latest
+    complete checkpoint, and it ends at its step count with the losses of an uninterrupted run."""
+    common = {"total_steps": 14, "checkpoint_every": 1}
     submit, _, job = submit_training(tiny_overrides(image_folder, tmp_path, "preempted", **common))
-    latest = tmp_path / "preempted" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 400
-    polls = 0
-    while not (latest.is_file() and latest.read_text().strip() == "step_00000004"):
-        assert time.monotonic() < deadline, submit.log_tail(job)
-        polls += 1
-        if polls % 20 == 0:  # every 2 s: scontrol is a process, and the machine has 2 cores
-            assert submit.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), submit.log_tail(job)
-        time.sleep(0.1)
+    run_dir = tmp_path / "preempted"
+    wait_for(lambda: latest_step(run_dir) >= 2, job, submit, 400, "first checkpoints")
+    requeued_at = latest_step(run_dir)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
+    # held back cred_expire+1 s (11 s here), then run again: resumed once it checkpoints past what it had
+    wait_for(lambda: int(scontrol_field(job.job_id, "Restarts") or 0) >= 1, job, submit, 60, "requeue")
+    wait_for(lambda: job.paths.stderr.read_text().count("resumed from step") >= 1 and
+             latest_step(run_dir) >= requeued_at + 2, job, submit, 300, "resume after scontrol requeue")
+    assert latest_step(run_dir) < common["total_steps"] - 2, "the job ran out of steps before USR2: raise total_steps"
     job._interrupt()  # scancel --signal SIGTERM, then USR2: a preemption
     states = submit.wait([job], timeout=500)
     assert states == {job.job_id: "COMPLETED"}, submit.log_tail(job)
-    assert int(scontrol_field(job.job_id, "Restarts")) >= 1
-    log = job.paths.stderr.read_text()
-    assert "resumed from step" in log, submit.log_tail(job)
+    assert int(scontrol_field(job.job_id, "Restarts")) >= 2
+    log = job.paths.stderr.read_text()  # appended to by each attempt
+    assert log.count("resumed from step") >= 2, submit.log_tail(job)
     torchrun(tiny_overrides(image_folder, tmp_path, "straight", **common))
-    preempted, straight = losses(tmp_path / "preempted"), losses(tmp_path / "straight")
-    assert preempted.keys() == straight.keys() == set(range(12))
+    preempted, straight = losses(run_dir), losses(tmp_path / "straight")
+    assert preempted.keys() == straight.keys() == set(range(common["total_steps"]))
     for step in preempted:
         np.testing.assert_allclose(preempted[step], straight[step], rtol=1e-6, err_msg=f"step {step}")
 
