@@ -34,7 +34,7 @@ def knn_top1(model: ModelConfig, weights: str, root: Path, out: Path) -> float:
     """k-NN (k=20) top-1 on Imagenette val of `model`; `weights` is "random" or a pretrain run directory."""
     cfg = KnnEvalConfig(name=out.name, train=str(root / "train"), val=str(root / "val"), out=str(out))
     cfg.model = BackboneConfig(weights=weights, arch=model.arch, depth=model.depth, patch_size=model.patch_size,
-                               img_size=model.img_size, init_values=model.layerscale)
+                               img_size=model.img_size, layerscale=model.layerscale)
     cfg.transform.resize_size, cfg.transform.crop_size = round(model.img_size * 256 / 224), model.img_size
     cfg.features.num_workers, cfg.features.cache_dir = 2, ""
     cfg.knn.ks = [20]
