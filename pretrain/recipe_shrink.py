@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 
+from pretrain.run_length import scale_schedule
 from pretrain.train_config import TrainConfig
 
 WIDTHS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536}
@@ -32,18 +33,16 @@ def shrink_recipe(cfg: TrainConfig, steps: int = 150, batch: int = 32, recipe_ba
                   min_momentum: float = 0.9) -> TrainConfig:
     """A shrunk copy of `cfg` by the module's rule; `cfg` is left as it is."""
     out = copy.deepcopy(cfg)
-    model, optim, loss, crops = out.model, out.optim, out.loss, out.data.multicrop
+    model, loss, crops = out.model, out.loss, out.data.multicrop
     fraction = steps / cfg.total_steps
     depth = cfg.model.depth or DEPTHS[cfg.model.arch]
     model.arch, model.depth, model.patch_size, model.img_size = REPLICA_ARCH, 4 if depth <= 12 else 8, 8, 48
     crops.global_crops_size, crops.local_crops_size = 48, 24
-    out.data.batch_size_per_rank, out.total_steps = batch, steps
+    out.data.batch_size_per_rank, out.total_steps, out.epochs = batch, steps, 0.0
     out.precision, out.activation_checkpointing, out.compile, out.checkpoint_every = "fp32", False, False, 0
     for head in {id(h): h for h in (loss.dino_head, loss.ibot_head)}.values():
         head.out_dim = max(1, round(head.out_dim * batch / recipe_batch))
+    out.optim = optim = scale_schedule(cfg.optim, fraction)
     optim.base_lr = cfg.optim.base_lr * WIDTHS[cfg.model.arch] / WIDTHS[REPLICA_ARCH]
-    optim.warmup_steps = round(cfg.optim.warmup_steps * fraction)
-    optim.freeze_last_layer_steps = round(cfg.optim.freeze_last_layer_steps * fraction)
-    optim.warmup_teacher_temp_steps = round(cfg.optim.warmup_teacher_temp_steps * fraction)
     optim.momentum_teacher = max(min_momentum, 1.0 - (1.0 - cfg.optim.momentum_teacher) / fraction)
     return out

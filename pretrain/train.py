@@ -32,6 +32,7 @@ from pretrain.initial_weights import load_initial_weights
 from pretrain.meta_arch import SSLMetaArch, images_in_batch
 from pretrain.metrics import MetricsLogger, format_console
 from pretrain.optim import build_optimizer, clip_grad_norm
+from pretrain.run_length import resolve_epochs
 from pretrain.schedules import TrainingSchedules
 from pretrain.signal_watch import SignalWatch
 from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
@@ -102,8 +103,8 @@ class Trainer:
     """Owns the components of one run and runs the step loop."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
         self.env = init_distributed()
+        self.cfg = cfg = resolve_epochs(cfg, self.env.world_size)
         self.run_dir = cfg.run_dir
         if self.env.is_main:
             save_config(cfg, self.run_dir)
@@ -255,6 +256,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) the pretraining run of `cfg`; returns its run directory."""
+    if cfg.epochs < 0:
+        raise ValueError(f"epochs must be >= 0 (0: the run lasts total_steps), got {cfg.epochs}")
     if cfg.total_steps <= 0:
         raise ValueError(f"total_steps must be a positive integer, got {cfg.total_steps}")
     return Trainer(cfg).fit()

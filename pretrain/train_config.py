@@ -17,7 +17,10 @@ class TrainConfig:
     name: str = "run"
     output_dir: str = "runs/pretrain"
     seed: int = 0
-    total_steps: int = 1000
+    total_steps: int = 1000  # the recipe's length; the schedule's step counts are stated for it
+    # > 0: the run lasts this many passes over data.dataset instead; total_steps and the schedule's step counts are
+    # stretched to that length at the start (pretrain.run_length), and the run saves the resolved values
+    epochs: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3

@@ -25,13 +25,14 @@ WARMUPS = ("optim.warmup_steps", "optim.warmup_teacher_temp_steps", "optim.freez
 
 
 def tiny_recipe(name: str, data: Path, out: Path, precision: str, **extra: object) -> TrainConfig:
-    """The recipe at a tiny size; its warm-ups keep their fractions of the run."""
+    """The recipe at a tiny size, `STEPS` steps long (also a recipe given in epochs); its warm-ups keep their fractions
+    of the run."""
     full = load_config(TrainConfig, CONFIGS / f"{name}.yaml", ["data.dataset=x", "init_weights=x"])
     fractions = {key: OmegaConf.select(OmegaConf.structured(full), key) / full.total_steps for key in WARMUPS}
     patch = full.model.patch_size  # 2x2 patches per global crop: 28 px at patch 14
     values = {
         **{key: int(fraction * STEPS) for key, fraction in fractions.items()},
-        "name": f"{name}_{precision}", "output_dir": str(out), "total_steps": STEPS, "log_every": 1,
+        "name": f"{name}_{precision}", "output_dir": str(out), "total_steps": STEPS, "epochs": 0, "log_every": 1,
         "checkpoint_every": 0, "precision": precision, "peak_tflops": 1.0, "data.dataset": str(data),
         "data.batch_size_per_rank": 4, "data.num_workers": 0, "model.depth": 2, "model.img_size": 2 * patch,
         "data.multicrop.global_crops_size": 2 * patch, "data.multicrop.local_crops_size": patch,
