@@ -2,13 +2,18 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -m "not gpu"
+# Empty: the whole suite but `gpu`, slurm-marked tests beside the rest (tests/run_suite.sh); else one pytest run.
+PYTEST_ARGS ?=
 
 .PHONY: test venv system-deps lint bench gpu-check clean
 
 test: venv system-deps
 	$(VENV)/bin/ruff check .
+ifeq ($(strip $(PYTEST_ARGS)),)
+	bash tests/run_suite.sh $(PY)
+else
 	$(PY) -m pytest $(PYTEST_ARGS)
+endif
 
 venv: $(VENV)/.installed
 

@@ -26,6 +26,7 @@ CROP = 32  # network input: random crops in training, the centre crop when embed
 
 def thumbnail(image: Image.Image) -> np.ndarray:
     """uint8 [SIDE, SIDE, 3]: the photo at a 112 px shortest side, centre-cropped square, resized to SIDE."""
+    image.draft("RGB", (STORAGE_SIDE, STORAGE_SIDE))  # JPEGs decode at 1/2, 1/4 ... scale, never below 112 px
     image = image.convert("RGB")
     w, h = image.size
     scale = STORAGE_SIDE / min(w, h)
@@ -51,7 +52,7 @@ def small_cnn(width: int) -> nn.Sequential:
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def train_supervised_embedder(paths: list[Path], labels: list[int], epochs: int = 4, width: int = 32,
+def train_supervised_embedder(paths: list[Path], labels: list[int], epochs: int = 3, width: int = 16,
                               batch_size: int = 128, seed: int = 0) -> Embedder:
     """Train `small_cnn` to classify `paths` (cross-entropy, SGD, one-cycle lr) and wrap its pooled features."""
     generator = torch.Generator().manual_seed(seed)

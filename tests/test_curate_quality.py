@@ -19,7 +19,8 @@ cpu_tiny SSL teacher after 600 steps on 2 cores 60%. (LBP at 224 px reaches 93-9
 stored at 224 px and Imagewoof at 112 px: a storage cue, not content.) So the embedding this test uses stands in for
 DINOv2 weights: a small CNN trained in the test, with labels, on the 20 classes' train photos, which the seeds and the
 pool never come from; every photo goes through Imagewoof's 112 px first, so storage size is no cue. It retrieves
-91.3% Imagenette (312 images; 4 epochs, about 2.5 minutes on 2 cores). Some misses are expected: one Imagenette
+93.1% Imagenette (3 epochs at width 16, about 1.5 minutes on 2 cores; width 32 and 4 epochs: 92.3% in 5.5).
+Some misses are expected: one Imagenette
 class (English springer) is a dog. `test_retrieval_with_dinov2_weights` runs the same check with real
 DINOv2 weights (DINOFORGE_DINOV2_WEIGHTS=path [DINOFORGE_DINOV2_ARCH=vit_small]).
 """
@@ -154,7 +155,7 @@ def _imagenette_share(embedder: Embedder, seed_count: int = 100) -> float:
 
 @pytest.mark.slow
 def test_seed_set_retrieves_imagenette_with_a_supervised_embedding():
-    """Semantic retrieval with the small supervised CNN of tests/supervised_embedder.py (about 2.5 minutes)."""
+    """Semantic retrieval with the small supervised CNN of tests/supervised_embedder.py (about 1.5 minutes)."""
     train = {name: _photos(name, "train") for name in ("imagenette", "imagewoof")}
     paths = train["imagenette"] + train["imagewoof"]
     classes = sorted({p.parent.name for p in paths})
