@@ -39,7 +39,7 @@ def dataset_size(spec: str, streaming: bool) -> int:
     if streaming:
         raise DatasetError(f"{spec}: `epochs` needs the dataset's size, and these streamed shards have no index "
                            f"(a curate run writes one): set total_steps instead of epochs")
-    return len(build_source(spec))
+    return len(build_source(spec, labels_required=False))
 
 
 def resolve_epochs(cfg: TrainConfig, world_size: int) -> TrainConfig:

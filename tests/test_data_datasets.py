@@ -317,3 +317,24 @@ def test_file_list_of_missing_files_names_the_first_one(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"2 consecutive samples from index 0 are unreadable, the first: "
                                            f"{tmp_path / 'hello world'} \\(cannot read file: .*No such file"):
         dataset[0]
+
+
+def test_flat_image_folder_is_unlabelled_where_labels_are_not_required(tmp_path: Path) -> None:
+    """Pretraining reads a user's flat folder of photos (labels -1, other files recorded as rejected); evaluation,
+    which needs labels, keeps refusing it (test above)."""
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for name in ("b.jpg", "a.png"):
+        (flat / name).write_bytes(jpeg_bytes())
+    (flat / "notes.txt").write_text("x")
+    assert detect_kind(str(flat), labels_required=False) == "images"
+    dataset = build_dataset(flat, labels_required=False)
+    assert [Path(dataset.source.name(i)).name for i in range(len(dataset))] == ["a.png", "b.jpg"]
+    assert [dataset[i][1] for i in range(len(dataset))] == [-1, -1]
+    assert dataset.source.rejected == [(str(flat / "notes.txt"), "not an image file extension")]
+    assert "2 unlabelled images" in dataset.source.describe()
+    # a subfolder makes the folder an ImageFolder; the `images:` prefix keeps it flat and records the subfolder
+    (flat / "later").mkdir()
+    assert detect_kind(str(flat), labels_required=False) == "imagefolder"
+    forced = build_dataset(f"images:{flat}")
+    assert len(forced) == 2 and (str(flat / "later"), "subfolder of a flat image folder") in forced.source.rejected

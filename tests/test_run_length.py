@@ -61,9 +61,16 @@ def test_streamed_shards_without_an_index_ask_for_total_steps(tmp_path):
         dataset_size(str(tmp_path / "data-{000000..000000}.tar"), streaming=True)
 
 
-def test_a_run_given_in_epochs_saves_and_trains_the_resolved_length(image_folder, tmp_path):
-    # 48 images at 8 per step: 1.5 epochs are 9 steps, and a warm-up of 2 of the 6 stated steps becomes 3.
-    finish(run_cli(tiny_overrides(image_folder, tmp_path, "epochs", steps=6, epochs=1.5, checkpoint_every=0)))
+def test_own_flat_folder_trained_in_epochs_saves_and_trains_the_resolved_length(image_folder, tmp_path):
+    """A user's folder of photos, no class subfolders: 48 images at 8 per step, 1.5 epochs are 9 steps, and a
+    warm-up of 2 of the 6 stated steps becomes 3."""
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    for image in sorted(image_folder.rglob("*.jpg")):
+        (photos / f"{image.parent.name}_{image.name}").write_bytes(image.read_bytes())
+    (photos / "notes.txt").write_text("not a photo\n")
+    assert dataset_size(str(photos), streaming=False) == IMAGES
+    finish(run_cli(tiny_overrides(photos, tmp_path, "epochs", steps=6, epochs=1.5, checkpoint_every=0)))
     saved = yaml.safe_load((tmp_path / "epochs" / "config.yaml").read_text())
     assert saved["total_steps"] == 9 and saved["epochs"] == 0 and saved["optim"]["warmup_steps"] == 3
     assert max(r["step"] for r in read_metrics(tmp_path / "epochs") if "dino_loss" in r) == 8

@@ -21,8 +21,8 @@ from dinoforge.data.shard_index import INDEX_NAME, index_path, shard_files
 LAYOUTS = ("folder", "tar", "filelist", "shards")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder of WebDataset shards holds
-# Training's and evaluation's `kind:` prefixes that force a layout reading.
-KIND_PREFIXES = ("imagefolder", "filelist", "wds")
+# Training's and evaluation's `kind:` prefixes that force a layout reading ("images": a flat folder, no labels).
+KIND_PREFIXES = ("imagefolder", "images", "filelist", "wds")
 
 
 def is_pattern(path: str) -> bool:
@@ -95,10 +95,12 @@ def split_kind_prefix(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def detect_kind(path: str) -> str:
-    """Training's reading of `path`: "imagefolder", "filelist" or "wds", or a `DatasetError` saying what was expected.
+def detect_kind(path: str, labels_required: bool = True) -> str:
+    """Training's reading of `path`: "imagefolder", "images", "filelist" or "wds", or a `DatasetError` saying what was
+    expected.
 
-    A folder must hold class subfolders (its labels); a tar is read as WebDataset shards.
+    A folder with subfolders is an ImageFolder (its classes); a flat folder of images is "images" (unlabelled) unless
+    `labels_required` (evaluation); a tar is read as WebDataset shards.
     """
     layout = detect_layout(path)
     if layout == "filelist":
@@ -109,6 +111,8 @@ def detect_kind(path: str) -> str:
     if any(e.is_dir() and not e.name.startswith(".") for e in p.iterdir()):
         return "imagefolder"
     images = sum(1 for e in p.iterdir() if e.suffix.lower() in IMAGE_SUFFIXES)
+    if images and not labels_required:
+        return "images"
     if images:
         # The common mistake: pointing at a flat folder of photos, which has no labels to number.
         raise DatasetError(

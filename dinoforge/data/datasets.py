@@ -2,10 +2,12 @@
 
 `build_dataset(spec)` understands:
   - a directory of class subfolders (ImageFolder; label = sorted class index),
+  - a flat directory of images, unlabelled (-1), where labels are not required (pretraining),
   - a file list (`path [label]` per line, see `dinoforge.data.file_list`),
   - a `.tar` shard, a brace pattern `dir/shard-{000000..000009}.tar`, a directory of `*.tar` shards, or a `curate`
     run directory / shard folder with `shards/index.json` (WebDataset layout, read by random access),
-and an optional `imagefolder:`, `filelist:` or `wds:` prefix forces the kind (detection: `dinoforge.data.dataset_spec`).
+and an optional `imagefolder:`, `images:`, `filelist:` or `wds:` prefix forces the kind (detection:
+`dinoforge.data.dataset_spec`).
 Every sample is decoded by `dinoforge.data.decode` under one `DecodePolicy` (the default: as curation decodes it).
 """
 
@@ -24,7 +26,7 @@ from dinoforge.data.dataset_spec import detect_kind, shard_paths, split_kind_pre
 from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image
 from dinoforge.data.error_counter import DecodeErrorCounter
 from dinoforge.data.errors import DatasetError
-from dinoforge.data.file_sources import FileListSource, ImageFolderSource
+from dinoforge.data.file_sources import FileListSource, FlatFolderSource, ImageFolderSource
 from dinoforge.data.tar_shards import TarShardSource
 
 logger = logging.getLogger(__name__)
@@ -126,20 +128,24 @@ def build_dataset(
     with_labels: bool = True,
     max_pixels: int | None = None,
     policy: DecodePolicy = DEFAULT_POLICY,
+    labels_required: bool = True,
 ) -> ImageDataset:
-    """The map-style dataset described by `spec` (see the module docstring for the accepted layouts)."""
-    source = build_source(spec)
+    """The map-style dataset described by `spec` (see the module docstring for the accepted layouts); a flat image
+    folder is taken only without `labels_required`."""
+    source = build_source(spec, labels_required)
     logger.info("dataset: %s", source.describe())
     return ImageDataset(source, transform, with_labels, max_pixels, policy)
 
 
-def build_source(spec: str | Path) -> ImageSource:
+def build_source(spec: str | Path, labels_required: bool = True) -> ImageSource:
     """The `ImageSource` for `spec`, detecting its kind unless a `kind:` prefix forces it."""
     kind, path = split_kind_prefix(str(spec))
     if kind is None:
-        kind = detect_kind(path)
+        kind = detect_kind(path, labels_required)
     if kind == "imagefolder":
         return ImageFolderSource(path)
+    if kind == "images":
+        return FlatFolderSource(path)
     if kind == "filelist":
         return FileListSource(path)
     return TarShardSource(shard_paths(path), root=path)

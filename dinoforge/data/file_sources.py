@@ -92,6 +92,36 @@ class ImageFolderSource(LocalFileSource):
         )
 
 
+class FlatFolderSource(LocalFileSource):
+    """`root/<image>`: the image files directly in one folder, unlabelled (-1): a folder of photos to pretrain on."""
+
+    kind = "images"
+    classes: list[str] | None = None
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = str(root)
+        if not Path(root).is_dir():
+            raise NotADirectoryError(f"image folder is not a directory: {root}")
+        self.rejected: list[tuple[str, str]] = []
+        self.paths: list[str] = []
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                self.rejected.append((entry.path, "hidden file"))
+            elif entry.is_dir():
+                self.rejected.append((entry.path, "subfolder of a flat image folder"))
+            elif Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                self.rejected.append((entry.path, "not an image file extension"))
+            else:
+                self.paths.append(entry.path)
+        self.labels: list[int] = [-1] * len(self.paths)
+        if not self.paths:
+            raise DatasetError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder")
+        _log_rejections(self.root, self.rejected)
+
+    def describe(self) -> str:
+        return f"image folder {self.root}: {len(self)} unlabelled images{_rejection_summary(self.rejected)}"
+
+
 class FileListSource(LocalFileSource):
     """The images of a file list (format: `dinoforge.data.file_list`); a missing label is -1."""
 

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Pretraining data: where the images are, how they are batched, augmented and masked."""
 
-    dataset: str = MISSING  # any spec `build_dataset` accepts: ImageFolder dir, file list, shards, curate run dir
+    # any spec `build_dataset` accepts: ImageFolder or flat image dir, file list, shards, curate run dir
+    dataset: str = MISSING
     batch_size_per_rank: int = 64
     num_workers: int = 8
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
@@ -120,7 +121,7 @@ def build_pretrain_loader(
         logger.info("pretrain data (streaming, rank %d/%d): %s", rank, world, dataset_spec)
         return loader, None
 
-    images = build_dataset(dataset_spec, transform=None, with_labels=True, max_pixels=max_pixels)
+    images = build_dataset(dataset_spec, transform=None, with_labels=True, max_pixels=max_pixels, labels_required=False)
     # Read one sample here, before any worker starts: a dataset with nothing readable (a text file given as a file
     # list, a folder of non-images) then fails with its DatasetError in this process instead of inside a worker.
     images.load(0)
