@@ -25,6 +25,8 @@ from bench.gpu_check import (  # noqa: E402
     run_stage,
     steps_that_fit,
 )
+from dinoforge.config import load_config  # noqa: E402
+from pretrain.train_config import TrainConfig  # noqa: E402
 
 
 def image_folder(root: Path, per_class: int) -> None:
@@ -76,7 +78,8 @@ def test_quick_cpu_check_reports_every_section(tmp_path):
     train = report["train"]
     assert train["steps"] == train["steps_done"] == 2 and train["exported"]
     assert math.isfinite(train["last"]["total_loss"]) and train["median_images_per_s"] > 0
-    assert train["uniform_teacher_entropy"] == pytest.approx(math.log(64))
+    prototypes = load_config(TrainConfig, REPO / "configs/pretrain/cpu_tiny.yaml", ["data.dataset=x"]).loss.dino_head
+    assert train["uniform_teacher_entropy"] == pytest.approx(math.log(prototypes.out_dim))
     (knn,) = train["knn"]
     assert knn["step"] == 1 and 0 <= knn["top1_k5"] <= 100
     assert "calibration" not in train  # --train-steps fixed the length
