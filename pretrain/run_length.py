@@ -43,15 +43,21 @@ def dataset_size(spec: str, streaming: bool) -> int:
 
 
 def resolve_epochs(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """`cfg` with `epochs` turned into `total_steps` (its schedule stretched alike) and `epochs` set to 0; unchanged
-    when `epochs` is 0. The returned config is what the run saves and resumes with."""
+    """`cfg` with `epochs` (capped at `max_epoch_images` images) turned into `total_steps`, its schedule stretched
+    alike, and `epochs` set to 0; unchanged when `epochs` is 0. The returned config is what the run saves and resumes
+    with."""
     if cfg.epochs <= 0:
         return cfg
     images = dataset_size(cfg.data.dataset, cfg.data.streaming)
     if images == 0:
         raise DatasetError(f"data.dataset={cfg.data.dataset}: no images, so `epochs` gives a run of no steps")
     global_batch = cfg.data.batch_size_per_rank * world_size * cfg.optim.accumulation_steps
-    steps = max(1, math.ceil(cfg.epochs * images / global_batch))
+    seen = cfg.epochs * images
+    if cfg.max_epoch_images > 0 and seen > cfg.max_epoch_images:
+        logger.info("epochs=%g over %d images would be %d images: capped at max_epoch_images=%d (%.3g epochs)",
+                    cfg.epochs, images, round(seen), cfg.max_epoch_images, cfg.max_epoch_images / images)
+        seen = cfg.max_epoch_images
+    steps = max(1, math.ceil(seen / global_batch))
     out = copy.deepcopy(cfg)
     out.optim = scale_schedule(cfg.optim, steps / cfg.total_steps)
     out.total_steps, out.epochs = steps, 0.0

@@ -21,6 +21,7 @@ class TrainConfig:
     # > 0: the run lasts this many passes over data.dataset instead; total_steps and the schedule's step counts are
     # stretched to that length at the start (pretrain.run_length), and the run saves the resolved values
     epochs: float = 0.0
+    max_epoch_images: int = 0  # with epochs: at most this many images in all (a time budget for big folders); 0: none
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3

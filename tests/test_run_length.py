@@ -44,6 +44,15 @@ def test_epochs_give_total_steps_from_the_dataset_size(image_folder, epochs, bat
     assert cfg.total_steps == 1000 and cfg.epochs == epochs  # the input is left as it was
 
 
+def test_max_epoch_images_caps_the_run_of_a_big_folder(image_folder):
+    cfg = config(image_folder, epochs=10, max_epoch_images=100, **{"data.batch_size_per_rank": 8})
+    out = resolve_epochs(cfg, 1)
+    assert out.total_steps == math.ceil(100 / 8)  # 10 epochs of 48 images would be 480
+    assert out.optim.warmup_steps == round(100 * out.total_steps / 1000)
+    uncapped = resolve_epochs(config(image_folder, epochs=1, max_epoch_images=100), 1)
+    assert uncapped.total_steps == math.ceil(48 / 64)
+
+
 def test_no_epochs_leaves_the_config_as_it_is(image_folder):
     cfg = config(image_folder)
     assert resolve_epochs(cfg, 4) is cfg
