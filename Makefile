@@ -2,8 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# Empty: the whole suite but `gpu`, slurm and slow tests in a pytest process beside the rest (tests/run_suite.sh);
-# else one pytest run with these arguments.
+# Empty: the whole suite but `gpu`, as two pytest processes side by side (tests/run_suite.sh); else one pytest run
+# with these arguments.
 PYTEST_ARGS ?=
 
 .PHONY: test venv system-deps lint bench gpu-check clean

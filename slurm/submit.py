@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class StageJob(submitit.helpers.Checkpointable):
         code = stage_main(self.stage)(self.argv)
         if code:
             raise RuntimeError(f"python -m {self.stage} {' '.join(self.argv)} exited with {code}")
+        # The work is done and written: a USR2 arriving now (the time limit or a preemption, while submitit writes the
+        # result) would kill the task and mark a finished job FAILED, with nothing left to requeue.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return 0
 
     def __repr__(self) -> str:

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# `make test`'s pytest: everything but `gpu`, as two pytest processes side by side on the machine's cores. The
-# `slurm` and `slow` tests run in the background one: the Slurm tests' minutes go mostly to waiting on Slurm (time
-# limits, requeues, the scheduler's 30 s checks), and the slow ones fill that time with work. Its output follows the
-# foreground run's; the script fails when either run fails. usage: tests/run_suite.sh PYTHON [pytest args for both]
+# `make test`'s pytest: everything but `gpu`, as two pytest processes side by side on the machine's cores (one
+# pytest process keeps under one core busy on average). The background one runs the Slurm tests first, whose minutes
+# go mostly to waiting on Slurm (time limits, requeues, the scheduler's 30 s checks), then the longest CPU test (the
+# cpu_tiny quality run); the foreground one runs the rest. The background output follows the foreground's; the
+# script fails when either run fails. usage: tests/run_suite.sh PYTHON [pytest args for both runs]
 set -uo pipefail
 py=$1
 shift
+cd "$(dirname "$0")/.."
+background_files=(tests/test_slurm_*.py tests/test_quality_signal.py)
+ignore=()
+for file in "${background_files[@]}"; do ignore+=("--ignore=$file"); done
 scratch=$(mktemp -d -t dinoforge-tests.XXXXXX)
 log=$scratch/pytest.log
 # its own base temp folder: two pytest sessions must not prune each other's numbered folders
-"$py" -m pytest -m "(slurm or slow) and not gpu" --basetemp "$scratch/tmp" "$@" >"$log" 2>&1 &
+"$py" -m pytest -m "not gpu" --durations=10 --basetemp "$scratch/tmp" "$@" "${background_files[@]}" >"$log" 2>&1 &
 background=$!
 trap 'kill "$background" 2>/dev/null; exit 130' INT TERM
-"$py" -m pytest -m "not slurm and not slow and not gpu" "$@"
+"$py" -m pytest -m "not gpu" --durations=10 "${ignore[@]}" "$@"
 main_rc=$?
 wait "$background"
 background_rc=$?
-echo "==================== slurm and slow tests (run beside the others) ===================="
+echo "==================== ${background_files[*]} (run beside the others) ===================="
 cat "$log"
 rm -rf "$scratch"
 # pytest exits 5 when nothing was collected (e.g. a -k that matches none of one run's tests): not a failure

@@ -58,3 +58,21 @@ def test_local_curate_matches_curate_cli(tmp_path, one_thread, no_slurm_env):
     for step in ("ingest", "embed", "dedup", "cluster", "retrieve", "shard", "report"):
         assert (run_dir / f"_SUCCESS.{step}").is_file(), step
     assert manifest(run_dir) == manifest(tmp_path / "reference" / "tiny")
+
+
+def test_a_finished_job_ignores_a_late_usr2(monkeypatch):
+    """A time-limit or preemption USR2 that lands after the stage has finished (seen on a loaded machine: the run
+    exported, then `srun: error: task 0: User defined signal 2` and the job FAILED) must not kill the task."""
+    import signal
+
+    from slurm import submit
+
+    calls = []
+    monkeypatch.setattr(submit, "stage_main", lambda stage: lambda argv: calls.append(argv) or 0)
+    previous = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        assert submit.StageJob("pretrain", ["train", "x.yaml"], os.getcwd())() == 0
+        os.kill(os.getpid(), signal.SIGUSR2)  # the default action would end this process
+        assert calls == [["train", "x.yaml"]]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
