@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 from dinoforge.config import load_config  # noqa: E402
 from dinoforge.data.datasets import build_dataset  # noqa: E402
-from dinoforge.data.transforms import make_eval_transform  # noqa: E402
+from dinoforge.data.transforms import EvalTransformConfig, make_eval_transform  # noqa: E402
 from dinoforge.models.config import ModelConfig  # noqa: E402
 from evaluation.config import BackboneConfig, KnnEvalConfig  # noqa: E402
 from evaluation.evaluate import run_evaluation  # noqa: E402
@@ -43,13 +43,17 @@ PIXEL_SIDE = 16
 K = 20
 
 
+def eval_transform(model: ModelConfig) -> EvalTransformConfig:
+    """The centre crop at the model's training resolution, from a resize by the usual 256/224."""
+    return EvalTransformConfig(resize_size=round(model.img_size * 256 / 224), crop_size=model.img_size)
+
+
 def eval_config(model: ModelConfig, weights: str, train: str, val: str, out: Path) -> KnnEvalConfig:
     """k-NN of `model` (`weights`: "random" or a run directory) at the model's training resolution; `train` and
     `val` are dataset specs (class folders, labelled file lists)."""
-    cfg = KnnEvalConfig(name=out.name, train=train, val=val, out=str(out))
+    cfg = KnnEvalConfig(name=out.name, train=train, val=val, out=str(out), transform=eval_transform(model))
     cfg.model = BackboneConfig(weights=weights, arch=model.arch, depth=model.depth, patch_size=model.patch_size,
                                img_size=model.img_size, layerscale=model.layerscale)
-    cfg.transform.resize_size, cfg.transform.crop_size = round(model.img_size * 256 / 224), model.img_size
     cfg.features.num_workers, cfg.features.cache_dir = 2, ""
     cfg.knn.ks = [K]
     return cfg
@@ -60,9 +64,9 @@ def backbone_knn(model: ModelConfig, weights: str, train: str, val: str, out: Pa
     return run_evaluation(eval_config(model, weights, train, val, out)).metrics[f"top1_k{K}"]
 
 
-def pixel_features(spec: str, cfg: KnnEvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(spec: str, transform: EvalTransformConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation crop of every image averaged down to PIXEL_SIDE^2 x 3 values, and the labels."""
-    dataset = build_dataset(spec, transform=make_eval_transform(cfg.transform), with_labels=True)
+    dataset = build_dataset(spec, transform=make_eval_transform(transform), with_labels=True)
     features, labels = [], []
     for images, targets in DataLoader(dataset, batch_size=256, num_workers=2):
         features.append(F.adaptive_avg_pool2d(images, PIXEL_SIDE).flatten(1))
@@ -72,10 +76,9 @@ def pixel_features(spec: str, cfg: KnnEvalConfig) -> tuple[torch.Tensor, torch.T
 
 def pixel_knn(model: ModelConfig, train: str, val: str) -> float:
     """k-NN top-1 (%) of raw pixels, with the backbones' crop and the same k and vote."""
-    cfg = eval_config(model, "random", train, val, Path("unused"))
-    train, train_labels = pixel_features(cfg.train, cfg)
-    val, val_labels = pixel_features(cfg.val, cfg)
-    return 100.0 * (knn_classify(train, train_labels, val, k=K) == val_labels).float().mean().item()
+    bank, bank_labels = pixel_features(train, eval_transform(model))
+    queries, query_labels = pixel_features(val, eval_transform(model))
+    return 100.0 * (knn_classify(bank, bank_labels, queries, k=K) == query_labels).float().mean().item()
 
 
 def schedule_overrides(cfg: TrainConfig, steps: int) -> list[str]:
