@@ -17,8 +17,13 @@ PANELS = (
     ("losses", ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")),
     ("teacher target entropy", ("teacher_entropy", "teacher_mean_entropy")),
     ("schedules", ("lr", "teacher_temp")),
-    ("k-NN accuracy", ()),  # every key the monitor wrote (knn_top1_*)
+    ("k-NN accuracy", ()),  # every top-1 the monitor wrote (knn/top1_k20, ...), not its timing
 )
+
+
+def knn_keys(records: list[dict]) -> tuple[str, ...]:
+    """The monitor's accuracies in `records` (knn/top1_k20, ...), without its timing (knn/seconds)."""
+    return tuple(sorted({key for record in records for key in record if key.startswith("knn/top1")}))
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -39,7 +44,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     log_k = math.log(cfg.loss.dino_head.out_dim)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     for ax, (title, keys) in zip(axes, PANELS, strict=True):
-        keys = keys or tuple(sorted({k for r in records for k in r if k.startswith("knn")}))
+        keys = keys or knn_keys(records)
         for key in keys:
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
             if points:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from dinoforge.config import load_config
 from pretrain.__main__ import main
+from pretrain.plot import knn_keys
 from pretrain.signal_watch import SignalWatch
 from pretrain.train import train
 from pretrain.train_config import TrainConfig
@@ -88,3 +89,9 @@ def test_plot_of_a_run_without_metrics_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
     assert main(["plot", str(tmp_path)]) == 1
     assert "has no logged step yet" in capsys.readouterr().err
+
+
+def test_the_knn_panel_plots_accuracies_not_the_monitors_timing():
+    records = [{"step": 10, "dino_loss": 6.0}, {"step": 10, "knn/top1_k20": 31.0, "knn/top1_k10": 30.0,
+                                                "knn/top5_k20": 80.0, "knn/seconds": 12.5}]
+    assert knn_keys(records) == ("knn/top1_k10", "knn/top1_k20")
