@@ -7,6 +7,8 @@ rule and the shape of every schedule.
 
 Scaled:
 - model: ViT-Ti width, depth 4 (8 for recipes deeper than 12 blocks), patch 8 at 48 px global / 24 px local crops;
+- blur: its sigma range (pixels) by the crop size, 48 / the recipe's global crop size, so that a blurred 48 px crop
+  loses the share of detail the recipe's crop loses (the paper's 2 px at 224 would be 9 px at 224 on a 48 px crop);
 - batch: `batch` images; prototypes K scaled with it, so that prototypes per teacher row stay as at the recipe's
   global batch (`recipe_batch`, the base_lr anchor of 1024 images): Sinkhorn-Knopp rows cannot be sharper than
   log(K / rows), so this keeps that floor;
@@ -37,6 +39,7 @@ def shrink_recipe(cfg: TrainConfig, steps: int = 150, batch: int = 32, recipe_ba
     fraction = steps / cfg.total_steps
     depth = cfg.model.depth or DEPTHS[cfg.model.arch]
     model.arch, model.depth, model.patch_size, model.img_size = REPLICA_ARCH, 4 if depth <= 12 else 8, 8, 48
+    crops.blur_sigma = tuple(sigma * 48 / crops.global_crops_size for sigma in crops.blur_sigma)
     crops.global_crops_size, crops.local_crops_size = 48, 24
     out.data.batch_size_per_rank, out.total_steps, out.epochs = batch, steps, 0.0
     out.precision, out.activation_checkpointing, out.compile, out.checkpoint_every = "fp32", False, False, 0

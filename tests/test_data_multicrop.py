@@ -145,3 +145,26 @@ def test_config_loads_through_the_strict_loader(tmp_path) -> None:
         load_config(MultiCropConfig, None, ["blur_semantic=standard"])
     with pytest.raises(ValueError, match="global_crops_scale"):
         MultiCropConfig(global_crops_scale=(0.5, 0.2))
+
+
+def test_blur_sigma_sets_the_range_and_a_kernel_of_two_sigmas() -> None:
+    aug = MultiCropAugmentation(MultiCropConfig(**SMALL, blur_sigma=(0.05, 0.43)))
+    for blur_apply in (aug.blur_global1, aug.blur_global2, aug.blur_local):
+        blur = blur_apply.transforms[0]
+        assert blur.kernel_size == (3, 3) and blur.sigma == [0.05, 0.43]
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCropConfig(blur_sigma=(0.5, 0.2))
+
+
+def test_a_smaller_sigma_keeps_more_of_a_small_crops_detail(photo: Image.Image) -> None:
+    """The paper's 2-px sigma on a 48 px crop wipes out the fine detail that a sigma scaled to 48 / 224 keeps."""
+    crop = v2.functional.pil_to_tensor(photo.resize((48, 48))).float()
+
+    def detail(sigma: float) -> float:
+        kernel = 2 * int(torch.tensor(2 * sigma).ceil()) + 1
+        blurred = v2.functional.gaussian_blur(crop, [kernel, kernel], [sigma, sigma])
+        return float((blurred[:, :, 1:] - blurred[:, :, :-1]).abs().mean())  # mean horizontal gradient
+
+    sharp, scaled, paper = detail(0.01), detail(2.0 * 48 / 224), detail(2.0)
+    assert paper < 0.5 * sharp < scaled
+

@@ -45,3 +45,6 @@ def test_shrunk_recipe_scales_prototypes_warmups_and_momentum(name):
     horizon_fraction = 1 / (1 - full.optim.momentum_teacher) / full.total_steps
     assert small.optim.momentum_teacher == max(0.9, 1 - 1 / (horizon_fraction * 150))
     assert small.total_steps == 150 and small.data.batch_size_per_rank == 32 and small.model.arch == "vit_tiny"
+    # the blur's sigma (pixels) keeps its share of the crop
+    scale = 48 / full.data.multicrop.global_crops_size
+    assert small.data.multicrop.blur_sigma == pytest.approx([s * scale for s in full.data.multicrop.blur_sigma])

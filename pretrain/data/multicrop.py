@@ -4,6 +4,10 @@ Every crop: random resized crop (bicubic) + horizontal flip, colour jitter (brig
 saturation 0.2, hue 0.1) with p=0.8, grayscale with p=0.2, Gaussian blur (kernel 9, sigma 0.1-2), and for the
 second global crop solarisation (threshold 128) with p=0.2; then ImageNet normalisation.
 
+The blur is in pixels, so the paper's sigma of up to 2 px is calibrated for 224 px crops; at 48 px the same blur
+erases a 4.7x larger share of the image (a 2-px sigma is 9 px at 224). `blur_sigma` sets the range for smaller crops
+(`recipe_shrink` scales it with the crop size); the kernel spans +-2 sigma (2 * ceil(2 * max) + 1: 9 for sigma 2).
+
 Blur probabilities, `blur_semantics`:
   - "standard" (the DINOv2 paper, BYOL's asymmetric recipe): global crop 1 always blurred, global crop 2 with
     p=0.1, local crops with p=0.5.
@@ -15,6 +19,7 @@ Blur probabilities, `blur_semantics`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -55,6 +60,7 @@ class MultiCropConfig:
     global_crops_size: int = 224
     local_crops_size: int = 96
     blur_semantics: str = "standard"  # "standard" | "dinov2_legacy"
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels: the paper's range for 224 px crops
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -64,6 +70,9 @@ class MultiCropConfig:
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got ({low}, {high})")
+        low, high = self.blur_sigma
+        if not 0.0 < low <= high:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got ({low}, {high})")
         if self.local_crops_number < 0:
             raise ValueError(f"local_crops_number must be >= 0, got {self.local_crops_number}")
         if self.global_crops_size <= 0 or self.local_crops_size <= 0:
@@ -80,9 +89,10 @@ class MultiCropAugmentation:
     def __init__(self, cfg: MultiCropConfig | None = None) -> None:
         self.cfg = cfg = cfg or MultiCropConfig()
         blur = blur_probabilities(cfg.blur_semantics)
-        self.blur_global1 = _random_blur(blur.global1)
-        self.blur_global2 = _random_blur(blur.global2)
-        self.blur_local = _random_blur(blur.local)
+        sigma = tuple(cfg.blur_sigma)
+        self.blur_global1 = _random_blur(blur.global1, sigma)
+        self.blur_global2 = _random_blur(blur.global2, sigma)
+        self.blur_local = _random_blur(blur.local, sigma)
         self.solarize = v2.RandomSolarize(threshold=128, p=0.2)
         self.geometric_global = _crop_and_flip(cfg.global_crops_size, cfg.global_crops_scale)
         self.geometric_local = _crop_and_flip(cfg.local_crops_size, cfg.local_crops_scale)
@@ -113,8 +123,9 @@ class MultiCropAugmentation:
         return f"MultiCropAugmentation({self.cfg}, blur p={tuple(blur)})"
 
 
-def _random_blur(p: float) -> v2.RandomApply:
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+def _random_blur(p: float, sigma: tuple[float, float]) -> v2.RandomApply:
+    kernel_size = 2 * math.ceil(2 * sigma[1]) + 1
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel_size, sigma=sigma)], p=p)
 
 
 def _crop_and_flip(size: int, scale: tuple[float, float]) -> v2.Compose:
