@@ -2,8 +2,11 @@
 then k-NN (k=20) top-1 on Imagenette val for the trained teacher, the same architecture at random init, and raw
 pixels, all measured in this run. Prints one JSON object.
 
-usage: python bench/bench_cpu_recipe.py [--data DIR] [--steps N] [--out DIR]
+usage: python bench/bench_cpu_recipe.py [--data DIR] [--steps N] [--curve EVERY] [--out DIR]
 DIR holds train/ and val/ class folders (default: the shared Imagenette, unpacked under ~/.cache/dinoforge/data).
+--curve EVERY: the training's k-NN monitor runs every EVERY steps on seeded subsets (2,000 train / 1,000 val images)
+and the curve is printed; its time is reported apart (`monitor_s`, included in `train_s`). The small bank reads well
+below the whole sets: 32.7% against 40.3% for the same cpu_tiny weights, so compare the curve with itself only.
 Backbones are evaluated on the [CLS] token at the training resolution (48 px centre crop of a 55 px resize); raw
 pixels are that crop averaged down to 16 x 16 (the best of the pixel sides we measured: 16 > 8, 24, 48).
 """
@@ -33,6 +36,7 @@ from dinoforge.models.config import ModelConfig  # noqa: E402
 from evaluation.config import BackboneConfig, KnnEvalConfig  # noqa: E402
 from evaluation.evaluate import run_evaluation  # noqa: E402
 from evaluation.knn import knn_classify  # noqa: E402
+from pretrain.metrics import read_metrics  # noqa: E402
 from pretrain.run_length import scale_schedule  # noqa: E402
 from pretrain.train_config import TrainConfig  # noqa: E402
 
@@ -89,12 +93,28 @@ def schedule_overrides(cfg: TrainConfig, steps: int) -> list[str]:
             f"optim.warmup_teacher_temp_steps={optim.warmup_teacher_temp_steps}"]
 
 
-def train_recipe(root: Path, out: Path, steps: int | None) -> tuple[Path, TrainConfig, float]:
+def monitor_overrides(cfg: TrainConfig, root: Path, every: int) -> list[str]:
+    """The in-training k-NN monitor on root/train and root/val every `every` steps, at the evaluation's crop."""
+    return [f"monitor.train={root / 'train'}", f"monitor.val={root / 'val'}", f"monitor.every_n_steps={every}",
+            f"monitor.image_size={cfg.model.img_size}", f"monitor.k=[{K}]", "monitor.num_workers=2",
+            "monitor.max_train=2000", "monitor.max_val=1000"]
+
+
+def knn_curve(run_dir: Path) -> tuple[list[dict], float]:
+    """The monitor's k-NN top-1 per step from run_dir/metrics.jsonl, and the seconds it took in all."""
+    records = [r for r in read_metrics(run_dir) if f"knn/top1_k{K}" in r]
+    curve = [{"step": r["step"], "knn_top1": round(r[f"knn/top1_k{K}"], 2)} for r in records]
+    return curve, sum(r["knn/seconds"] for r in records)
+
+
+def train_recipe(root: Path, out: Path, steps: int | None, curve_every: int = 0) -> tuple[Path, TrainConfig, float]:
     """Run `cpu_tiny` on root/train (through the CLI, as a user would); -> run dir, its config, wall seconds."""
     cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={root / 'train'}"])
     overrides = [f"data.dataset={root / 'train'}", f"output_dir={out}", "name=cpu_tiny", "checkpoint_every=0"]
     if steps and steps != cfg.total_steps:
         overrides += schedule_overrides(cfg, steps)
+    if curve_every:
+        overrides += monitor_overrides(cfg, root, curve_every)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pretrain", "train", str(RECIPE), *overrides], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
@@ -103,8 +123,8 @@ def train_recipe(root: Path, out: Path, steps: int | None) -> tuple[Path, TrainC
     return out / "cpu_tiny", load_config(TrainConfig, RECIPE, overrides), time.perf_counter() - started
 
 
-def run(root: Path, out: Path, steps: int | None) -> dict:
-    run_dir, cfg, seconds = train_recipe(root, out, steps)
+def run(root: Path, out: Path, steps: int | None, curve_every: int = 0) -> dict:
+    run_dir, cfg, seconds = train_recipe(root, out, steps, curve_every)
     train, val = str(root / "train"), str(root / "val")
     result = {"recipe": "cpu_tiny", "steps": cfg.total_steps, "train_s": round(seconds, 1),
               "knn_k20": {"trained": backbone_knn(cfg.model, str(run_dir), train, val, out / "eval_trained"),
@@ -113,6 +133,9 @@ def run(root: Path, out: Path, steps: int | None) -> dict:
     knn = result["knn_k20"]
     result["trained_minus_random"] = knn["trained"] - knn["random_init"]
     result["trained_minus_pixels"] = knn["trained"] - knn[f"pixels_{PIXEL_SIDE}"]
+    if curve_every:
+        result["curve"], monitor_seconds = knn_curve(run_dir)
+        result["monitor_s"] = round(monitor_seconds, 1)
     result["run_dir"] = str(run_dir)
     return result
 
@@ -121,12 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/ and val/")
     parser.add_argument("--steps", type=int, default=None, help="a shorter (or longer) schedule of the recipe")
+    parser.add_argument("--curve", type=int, default=0, metavar="EVERY", help="k-NN monitor every EVERY steps")
     parser.add_argument("--out", type=Path, default=None, help="where the run goes (default: a temporary folder)")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         sys.exit(f"error: {args.data}/train is not a folder: pass --data with train/ and val/ class folders")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_cpu_recipe-"))
-    print(json.dumps(run(args.data, out, args.steps), indent=1))
+    print(json.dumps(run(args.data, out, args.steps, args.curve), indent=1))
 
 
 if __name__ == "__main__":
