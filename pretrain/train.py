@@ -193,7 +193,7 @@ class Trainer:
         return self.run_dir
 
     def _throughput(self, flops: float) -> Throughput:
-        """MFU against `peak_tflops`, else the data sheet, else a matmul rate re-measured at every log."""
+        """MFU against `peak_tflops`, else the data sheet, else a matmul rate measured at the first logs."""
         cfg, device = self.cfg, self.env.device
         peak = cfg.peak_tflops * 1e12 or datasheet_peak(device, cfg.precision)
         if peak:

@@ -22,6 +22,14 @@ def test_a_disturbed_cpu_peak_is_replaced_by_the_fastest_measurement():
     assert mfus[1:] == [0.5, 0.5]  # the peak keeps the fastest reading
 
 
+def test_the_cpu_peak_is_measured_at_the_first_reports_only():
+    calls = []
+    throughput = Throughput(flops_per_step=4e9, peak=0.0, measure=lambda: calls.append(1) or 8e9, measurements=2)
+    mfus = [throughput.stats(images=1, step_seconds=1.0, data_seconds=0.0)["mfu"] for _ in range(5)]
+    assert len(calls) == 2  # each measurement is a second of matmuls: not paid at every log of a long run
+    assert mfus == [0.5] * 5
+
+
 def test_mfu_above_one_warns_once(caplog):
     throughput = Throughput(flops_per_step=4e9, peak=1e9)
     with caplog.at_level(logging.WARNING):
