@@ -3,6 +3,7 @@ decode errors reported per batch, the DataConfig schema, and the streaming path.
 
 from __future__ import annotations
 
+import os
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -98,6 +99,20 @@ def test_decode_errors_are_substituted_and_reported_per_batch(folder: Path, tmp_
     assert sum(b["n_decode_errors"] for b in out) == len(victims)
     # Counted inside the worker processes (the main process decoded nothing); prefetching may have met more.
     assert loader.dataset.decode_errors >= len(victims)
+
+
+def test_niced_workers_run_at_lower_priority_and_load_the_same_batches(folder: Path) -> None:
+    plain = batches(folder, world=1, rank=0, steps=2, num_workers=2)
+    loader, _ = build_pretrain_loader(str(folder), CROPS, GLOBAL_BATCH, rank=0, world=1, seed=11, start_step=0,
+                                      num_workers=2, patch_size=PATCH, worker_nice=5)
+    workers = iter(loader)
+    niced = [next(workers) for _ in range(2)]
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, w.pid) for w in workers._workers] == [min(ours + 5, 19)] * 2
+    for a, b in zip(plain, niced, strict=True):
+        assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["masks"], b["masks"])
+    with pytest.raises(ValueError, match="worker_nice must be in 0-19"):
+        DataConfig(dataset=str(folder), worker_nice=20)
 
 
 def test_data_config_schema(tmp_path: Path, folder: Path) -> None:
