@@ -19,7 +19,7 @@ def load(name: str) -> TrainConfig:
 
 
 @pytest.mark.parametrize("name,arch,width,depth,prototypes,separate,backbone_params_m", [
-    ("cpu_tiny", "vit_tiny", 192, 6, 1024, False, 2.7),
+    ("cpu_tiny", "vit_tiny", 192, 4, 1024, False, 1.8),
     ("gpu_small", "vit_small", 384, 12, 16384, False, 21.7),
     ("vits14", "vit_small", 384, 12, 65536, False, 21.7),
     ("vitb14", "vit_base", 768, 12, 65536, False, 86.0),
