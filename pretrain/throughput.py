@@ -57,8 +57,8 @@ class Throughput:
     With a `measure` callable (a device without a data sheet, e.g. a CPU), the peak is re-measured at the first
     `measurements` reports and the fastest rate seen is kept: one measurement taken while data workers start can read
     far below the true peak (a CPU run once logged MFU 1.5). Measuring stops after that because each measurement
-    costs about a second of matmuls, 5% of a 2-core run that logs every 20 steps. An MFU still above 1 is reported
-    as NaN with a warning, never as a figure.
+    costs about a second of matmuls (3-4% of a 2-core cpu_tiny run logging every 20 steps, by py-spy). An MFU
+    still above 1 is reported as NaN with a warning, never as a figure.
     """
 
     def __init__(self, flops_per_step: float, peak: float, world_size: int = 1,
