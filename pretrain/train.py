@@ -26,6 +26,7 @@ from dinoforge.run_logging import setup_logging
 from evaluation.monitor import KnnMonitor
 from pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from pretrain.data.loader import build_pretrain_loader_from_config
+from pretrain.data.multicrop import apply_batch_photometric
 from pretrain.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, ema_update
 from pretrain.export import export_teacher
 from pretrain.initial_weights import load_initial_weights
@@ -177,7 +178,8 @@ class Trainer:
         self.meta.train()
         while self.state.step < end:
             t0 = time.perf_counter()
-            micro = [_to_device(next(batches), env.device) for _ in range(accumulation)]
+            micro = [apply_batch_photometric(_to_device(next(batches), env.device), cfg.data.multicrop)
+                     for _ in range(accumulation)]
             t_data = time.perf_counter() - t0
             if throughput is None:
                 throughput = self._throughput(flops_per_step(self.meta, micro[0]) * accumulation)

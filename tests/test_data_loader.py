@@ -144,3 +144,28 @@ def test_streaming_path(folder: Path, tmp_path: Path) -> None:
     assert first["global_crops"].shape == (8, 3, 32, 32) and first["local_crops"].shape == (8, 3, 16, 16)
     assert first["labels"].shape == (4,) and int((first["masks"].sum(1) > 0).sum()) == 4
     assert not torch.equal(first["global_crops"], second["global_crops"])
+
+
+def test_batched_photometric_loads_uint8_crops_with_their_parameters_alike_for_any_worker_count(folder: Path) -> None:
+    """photometric="batched": the loader carries uint8 crops and one parameter row per crop, bit-identical with and
+    without workers; the trainer's `apply_batch_photometric` finishes them into normalised float crops."""
+    from pretrain.data.multicrop import apply_batch_photometric
+    from pretrain.data.photometric import N_PARAMS
+
+    crops = MultiCropConfig(global_crops_size=32, local_crops_size=16, local_crops_number=2, photometric="batched")
+
+    def load(num_workers: int) -> list[dict]:
+        loader, _ = build_pretrain_loader(str(folder), crops, GLOBAL_BATCH, rank=0, world=1, seed=11, start_step=0,
+                                          num_workers=num_workers, patch_size=PATCH)
+        return list(islice(iter(loader), 2))
+
+    inline, workers = load(0), load(2)
+    for a, b in zip(inline, workers, strict=True):
+        assert a["global_crops"].dtype == torch.uint8 and a["global_crops"].shape == (2 * GLOBAL_BATCH, 3, 32, 32)
+        assert a["global_photometric"].shape == (2 * GLOBAL_BATCH, N_PARAMS)
+        assert a["local_photometric"].shape == (2 * GLOBAL_BATCH, N_PARAMS)
+        for key in ("global_crops", "local_crops", "global_photometric", "local_photometric", "masks"):
+            assert torch.equal(a[key], b[key]), key
+    finished = apply_batch_photometric(inline[0], crops)
+    assert finished["global_crops"].dtype == torch.float32 and finished["local_crops"].shape == (16, 3, 16, 16)
+    assert finished["global_crops"].std() > 0.3

@@ -60,19 +60,26 @@ def mask_batch_fields(masks: torch.Tensor, upperbound: int) -> dict[str, Any]:
 
 
 def stack_crops(samples: Sequence[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
-    """Crop-major stacks of the global and local crops, their number per image (`n_global_crops`, as the multi-crop
-    augmentation made them), labels, positions and the decode-error count."""
+    """Crop-major stacks of the global and local crops (and of their photometric parameters when the device is to
+    apply them), their number per image (`n_global_crops`, as the multi-crop augmentation made them), labels,
+    positions and the decode-error count."""
     n_global = len(samples[0]["global_crops"])
     n_local = len(samples[0]["local_crops"])
+    # uint8 crops (photometric="batched") stay uint8 until the device finishes them
+    crop_dtype = torch.uint8 if samples[0]["global_crops"][0].dtype == torch.uint8 else dtype
     batch: dict[str, Any] = {
-        "global_crops": torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples]).to(dtype),
+        "global_crops": torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples]).to(crop_dtype),
         "n_global_crops": n_global,  # the loss pairs crops by it (SSLMetaArch)
         "n_decode_errors": sum(int(s.get("n_decode_errors", 0)) for s in samples),
     }
     if n_local:
-        batch["local_crops"] = torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]).to(dtype)
+        batch["local_crops"] = torch.stack(
+            [s["local_crops"][i] for i in range(n_local) for s in samples]).to(crop_dtype)
     else:
-        batch["local_crops"] = torch.empty(0, *batch["global_crops"].shape[1:2], 0, 0, dtype=dtype)
+        batch["local_crops"] = torch.empty(0, *batch["global_crops"].shape[1:2], 0, 0, dtype=crop_dtype)
+    for key, n in (("global_photometric", n_global), ("local_photometric", n_local)):
+        if key in samples[0]:  # one parameter row per crop, crop-major like the crops
+            batch[key] = torch.stack([s[key][i] for i in range(n) for s in samples]) if n else samples[0][key]
     if all("label" in s for s in samples):
         batch["labels"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
     if all("position" in s for s in samples):

@@ -1,0 +1,131 @@
+"""Batched photometric augmentation: each operation against torchvision's per-image functional, the parameter draws
+against DINOv2's probabilities, and the batched multi-crop path end to end (uint8 crops + parameters -> the crops a
+per-image pipeline with the same draws makes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from test_data_fixtures import image_files, imagenette_subset
+from torchvision.transforms.v2 import functional as TF
+
+from pretrain.data import photometric as P
+from pretrain.data.collate import stack_crops
+from pretrain.data.multicrop import MultiCropAugmentation, MultiCropConfig, apply_batch_photometric
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 3, "photometric": "batched"}
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    x = torch.rand(6, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.5  # grey: hue undefined, saturation 0
+    x[1, :, :4] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # pure red: hue 0 at full saturation
+    return x
+
+
+@pytest.mark.parametrize(("ours", "reference", "factors"), [
+    (P.adjust_brightness, TF.adjust_brightness, [0.6, 0.9, 1.0, 1.2, 1.4, 0.7]),
+    (P.adjust_contrast, TF.adjust_contrast, [0.6, 0.9, 1.0, 1.2, 1.4, 0.7]),
+    (P.adjust_saturation, TF.adjust_saturation, [0.8, 0.9, 1.0, 1.1, 1.2, 0.85]),
+    (P.adjust_hue, TF.adjust_hue, [-0.1, -0.05, 0.0, 0.03, 0.1, 0.5]),
+])
+def test_each_colour_adjustment_matches_torchvision_per_image(ours, reference, factors, images) -> None:
+    got = ours(images.clone(), torch.tensor(factors))
+    want = torch.stack([reference(image, f) for image, f in zip(images, factors, strict=True)])
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def test_grayscale_and_per_crop_blur_match_torchvision(images) -> None:
+    torch.testing.assert_close(P.grayscale(images), TF.rgb_to_grayscale(images), atol=1e-6, rtol=0)
+    sigma = torch.tensor([0.0, 0.3, 1.0, 2.0, 0.0, 0.7])
+    got = P.gaussian_blur(images, sigma, kernel_size=9)
+    want = torch.stack([TF.gaussian_blur(image, [9, 9], [float(s)] * 2) if s > 0 else image
+                        for image, s in zip(images, sigma, strict=True)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(got[0], images[0]) and torch.equal(got[4], images[4])  # sigma 0: untouched
+
+
+def reference_pipeline(crop: torch.Tensor, row: torch.Tensor, cfg: MultiCropConfig, kernel_size: int) -> torch.Tensor:
+    """One crop through torchvision's functionals in the order and with the values of its parameter row."""
+    x = crop.float() / 255
+    if row[P.JITTER]:
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        columns = (P.BRIGHTNESS, P.CONTRAST, P.SATURATION, P.HUE)
+        for op in row[P.ORDER].long().tolist():
+            x = adjust[op](x, float(row[columns[op]]))
+    if row[P.GRAYSCALE]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if row[P.BLUR_SIGMA] > 0:
+        x = TF.gaussian_blur(x, [kernel_size] * 2, [float(row[P.BLUR_SIGMA])] * 2)
+    if row[P.SOLARIZE]:
+        x = torch.where(x >= 128 / 255, 1 - x, x)
+    return TF.normalize(x, list(cfg.mean), list(cfg.std))
+
+
+def test_batched_multicrop_equals_the_per_crop_reference_with_the_same_draws() -> None:
+    cfg = MultiCropConfig(**SMALL)
+    aug = MultiCropAugmentation(cfg)
+    samples = []
+    for seed, path in enumerate(image_files(imagenette_subset())[:8]):
+        torch.manual_seed(seed)
+        with Image.open(path) as image:
+            samples.append(aug(image.convert("RGB")))
+    batch = stack_crops(samples, torch.float32)
+    assert batch["global_crops"].dtype == torch.uint8 and batch["global_crops"].shape == (16, 3, 32, 32)
+    assert batch["global_photometric"].shape == (16, P.N_PARAMS)
+    assert batch["local_photometric"].shape == (24, P.N_PARAMS)
+    out = apply_batch_photometric(batch, cfg)
+    assert "global_photometric" not in out and "local_photometric" not in out
+    kernel = P.blur_kernel_size(cfg.blur_sigma[1])
+    for crops, rows in (("global_crops", batch["global_photometric"]), ("local_crops", batch["local_photometric"])):
+        assert out[crops].dtype == torch.float32
+        want = torch.stack([reference_pipeline(c, r, cfg, kernel) for c, r in zip(batch[crops], rows, strict=True)])
+        torch.testing.assert_close(out[crops], want, atol=1e-5, rtol=0)
+    assert apply_batch_photometric(out, cfg) is out  # finished crops pass through
+
+
+def test_parameter_draws_follow_dinov2_probabilities() -> None:
+    """Rates over 4,000 draws per crop kind within 4 standard errors of DINOv2's (blur 1 / 0.1 / 0.5 by kind)."""
+    torch.manual_seed(0)
+    n = 4000
+    kinds = {"global1": (1.0, False), "global2": (0.1, True), "local": (0.5, False)}
+    for kind, (blur_p, solarize) in kinds.items():
+        rows = torch.stack([P.draw_photometric(blur_p, (0.1, 2.0), solarize) for _ in range(n)])
+        for column, p in ((P.JITTER, P.JITTER_P), (P.GRAYSCALE, P.GRAYSCALE_P),
+                          (P.SOLARIZE, P.SOLARIZE_P if solarize else 0.0)):
+            rate = float(rows[:, column].mean())
+            assert abs(rate - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1e-9, (kind, column, rate, p)
+        blurred = rows[:, P.BLUR_SIGMA] > 0
+        assert abs(float(blurred.float().mean()) - blur_p) <= 4 * (blur_p * (1 - blur_p) / n) ** 0.5 + 1e-9, kind
+        assert bool((rows[blurred, P.BLUR_SIGMA] >= 0.1).all() & (rows[blurred, P.BLUR_SIGMA] <= 2.0).all())
+        assert sorted(rows[0, P.ORDER].long().tolist()) == [0, 1, 2, 3]
+        assert len({tuple(r.long().tolist()) for r in rows[:, P.ORDER]}) == 24  # every order occurs
+        for column, (low, high) in ((P.BRIGHTNESS, P.BRIGHTNESS_RANGE), (P.HUE, P.HUE_RANGE)):
+            assert low <= float(rows[:, column].min()) and float(rows[:, column].max()) <= high
+
+
+def test_batched_workers_do_a_fraction_of_the_per_image_work() -> None:
+    """The point of the batched path: the worker's share (crop, flip, draws) is well under the per-image cost."""
+    import time
+
+    with Image.open(image_files(imagenette_subset())[0]) as image:
+        photo = image.convert("RGB")
+    sizes = {"global_crops_size": 112, "local_crops_size": 48, "local_crops_number": 8}
+    seconds = {}
+    for mode in ("per_image", "batched"):
+        aug = MultiCropAugmentation(MultiCropConfig(**sizes, photometric=mode))
+        aug(photo)
+        start = time.perf_counter()
+        for _ in range(20):
+            aug(photo)
+        seconds[mode] = time.perf_counter() - start
+    assert seconds["batched"] < seconds["per_image"] / 2.5, seconds
+
+
+def test_unknown_photometric_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="photometric must be one of"):
+        MultiCropConfig(photometric="gpu")
