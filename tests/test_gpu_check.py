@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))  # the bench scripts are not installed; `bench` im
 from bench.gpu_check import (  # noqa: E402
     Settings,
     junit_summary,
+    monitor_schedule,
     pytest_log_summary,
     run_check,
     run_stage,
@@ -158,6 +159,14 @@ def test_training_steps_fit_the_budget():
     assert steps_that_fit([0.01] * 10, 20, 150, 1, 25, 50, 3000)[0] == 3000
     assert steps_that_fit([10.0] * 10, 20, 150, 1, 25, 50, 3000)[0] == 50
     assert steps_that_fit([], 20, 150, 1, 25, 50, 3000)[0] == 50
+
+
+def test_the_last_knn_evaluation_falls_on_the_last_step():
+    # the H200 run of 1,454 steps every 485 evaluated at 485 and 970 only; now 1,452 steps, every 484
+    assert monitor_schedule(1454, points=3) == (1452, 484)
+    assert monitor_schedule(1455, points=3) == (1455, 485)
+    assert monitor_schedule(4, points=1) == (4, 4)
+    assert monitor_schedule(2, points=3) == (3, 1)
 
 
 def test_training_is_skipped_without_a_dataset(tmp_path):
