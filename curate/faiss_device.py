@@ -158,7 +158,10 @@ def _smoke_in_child(script: str = __file__, timeout_s: float = SMOKE_TIMEOUT_S) 
 def faiss_gpu_status() -> tuple[bool, str]:
     """(ok, reason), computed once per process: ok when faiss on GPU passed `gpu_smoke`, in a child process and then
     in this one. `reason` says what ran, or why not, in the library's words where it raised."""
-    import faiss
+    try:
+        import faiss
+    except ImportError as e:  # e.g. a GPU machine given only the checkout: curation says so when it needs faiss
+        return False, f"faiss does not import: {e}"
     if not hasattr(faiss, "StandardGpuResources"):
         return False, NO_GPU_SUPPORT
     failed = _smoke_in_child()

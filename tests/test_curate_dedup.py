@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from curate.dedup import (
     near_duplicates_from_edges,
     representatives,
 )
+from curate.faiss_device import faiss_gpu_status
 from curate.knn_graph import gpu_available, knn_search, range_pairs, resolve_use_gpu, unique_edges
 
 
@@ -129,10 +132,21 @@ def test_unique_edges_keeps_each_pair_once():
     np.testing.assert_allclose(s, [0.8, 0.9])
 
 
+def test_without_faiss_the_gpu_is_unavailable_with_the_reason(monkeypatch):
+    """The GPU machine of bench/gpu_check.sh has no faiss: the status says why instead of raising."""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    faiss_gpu_status.cache_clear()
+    try:
+        ok, reason = faiss_gpu_status()
+    finally:
+        faiss_gpu_status.cache_clear()
+    assert not ok and reason.startswith("faiss does not import")
+
+
 @pytest.mark.gpu
 def test_gpu_search_matches_cpu():
     if not gpu_available():
-        pytest.skip("faiss sees no GPU")
+        pytest.skip(f"faiss on GPU is not available: {faiss_gpu_status()[1]}")
     rng = np.random.default_rng(6)
     xb, xq = unit(rng, 2000, 64), unit(rng, 300, 64)
     cpu = knn_search(xb, xq, 10, use_gpu="cpu")
