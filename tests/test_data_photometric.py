@@ -88,14 +88,18 @@ def test_batched_multicrop_equals_the_per_crop_reference_with_the_same_draws() -
     assert apply_batch_photometric(out, cfg) is out  # finished crops pass through
 
 
-def test_parameter_draws_follow_dinov2_probabilities() -> None:
-    """Rates over 4,000 draws per crop kind within 4 standard errors of DINOv2's (blur 1 / 0.1 / 0.5 by kind)."""
+@pytest.mark.parametrize(("jitter_p", "hue_max", "grayscale_p"), [(P.JITTER_P, P.HUE_MAX, P.GRAYSCALE_P),
+                                                                  (0.5, 0.05, 0.05)])
+def test_parameter_draws_follow_the_configured_probabilities(jitter_p, hue_max, grayscale_p) -> None:
+    """Rates over 4,000 draws per crop kind within 4 standard errors of DINOv2's (blur 1 / 0.1 / 0.5 by kind) or of
+    a configured colour strength."""
     torch.manual_seed(0)
     n = 4000
     kinds = {"global1": (1.0, False), "global2": (0.1, True), "local": (0.5, False)}
     for kind, (blur_p, solarize) in kinds.items():
-        rows = torch.stack([P.draw_photometric(blur_p, (0.1, 2.0), solarize) for _ in range(n)])
-        for column, p in ((P.JITTER, P.JITTER_P), (P.GRAYSCALE, P.GRAYSCALE_P),
+        rows = torch.stack([P.draw_photometric(blur_p, (0.1, 2.0), solarize, jitter_p=jitter_p, hue_max=hue_max,
+                                               grayscale_p=grayscale_p) for _ in range(n)])
+        for column, p in ((P.JITTER, jitter_p), (P.GRAYSCALE, grayscale_p),
                           (P.SOLARIZE, P.SOLARIZE_P if solarize else 0.0)):
             rate = float(rows[:, column].mean())
             assert abs(rate - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1e-9, (kind, column, rate, p)
@@ -104,8 +108,9 @@ def test_parameter_draws_follow_dinov2_probabilities() -> None:
         assert bool((rows[blurred, P.BLUR_SIGMA] >= 0.1).all() & (rows[blurred, P.BLUR_SIGMA] <= 2.0).all())
         assert sorted(rows[0, P.ORDER].long().tolist()) == [0, 1, 2, 3]
         assert len({tuple(r.long().tolist()) for r in rows[:, P.ORDER]}) == 24  # every order occurs
-        for column, (low, high) in ((P.BRIGHTNESS, P.BRIGHTNESS_RANGE), (P.HUE, P.HUE_RANGE)):
+        for column, (low, high) in ((P.BRIGHTNESS, P.BRIGHTNESS_RANGE), (P.HUE, (-hue_max, hue_max))):
             assert low <= float(rows[:, column].min()) and float(rows[:, column].max()) <= high
+            assert float(rows[:, column].max()) > high - (high - low) / 20  # the whole range is used
 
 
 def test_batched_workers_do_a_fraction_of_the_per_image_work() -> None:
@@ -126,6 +131,17 @@ def test_batched_workers_do_a_fraction_of_the_per_image_work() -> None:
     assert seconds["batched"] < seconds["per_image"] / 2.5, seconds
 
 
-def test_unknown_photometric_mode_is_refused() -> None:
+def test_unknown_photometric_mode_and_bad_colour_values_are_refused() -> None:
     with pytest.raises(ValueError, match="photometric must be one of"):
         MultiCropConfig(photometric="gpu")
+    with pytest.raises(ValueError, match="color_jitter_p is a probability"):
+        MultiCropConfig(color_jitter_p=1.5)
+    with pytest.raises(ValueError, match="color_jitter_hue must be in"):
+        MultiCropConfig(color_jitter_hue=0.7)
+
+
+def test_per_image_path_uses_the_configured_colour_strength() -> None:
+    aug = MultiCropAugmentation(MultiCropConfig(color_jitter_p=0.5, color_jitter_hue=0.05, grayscale_p=0.05))
+    jitter, grayscale = aug.global1.transforms[:2]
+    assert jitter.p == 0.5 and jitter.transforms[0].hue == (-0.05, 0.05)
+    assert grayscale.p == 0.05

@@ -24,22 +24,24 @@ ORDER = slice(5, 9)  # the permutation of (brightness, contrast, saturation, hue
 GRAYSCALE, BLUR_SIGMA, SOLARIZE = 9, 10, 11  # BLUR_SIGMA 0: no blur
 N_PARAMS = 12
 
-# DINOv2's multi-crop values (pretrain.data.multicrop module docstring)
-JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2
-BRIGHTNESS_RANGE, CONTRAST_RANGE, SATURATION_RANGE, HUE_RANGE = (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)
+# DINOv2's multi-crop values (pretrain.data.multicrop module docstring); MultiCropConfig can change the first three
+JITTER_P, GRAYSCALE_P, HUE_MAX, SOLARIZE_P = 0.8, 0.2, 0.1, 0.2
+BRIGHTNESS_RANGE, CONTRAST_RANGE, SATURATION_RANGE = (0.6, 1.4), (0.6, 1.4), (0.8, 1.2)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255
 
 
-def draw_photometric(blur_p: float, sigma: tuple[float, float], solarize: bool) -> torch.Tensor:
+def draw_photometric(blur_p: float, sigma: tuple[float, float], solarize: bool, jitter_p: float = JITTER_P,
+                     hue_max: float = HUE_MAX, grayscale_p: float = GRAYSCALE_P) -> torch.Tensor:
     """One crop's parameters [N_PARAMS], drawn from torch's global generator (seeded per sample by the caller)."""
     row = torch.zeros(N_PARAMS)
-    row[JITTER] = float(torch.rand(()) < JITTER_P)
+    row[JITTER] = float(torch.rand(()) < jitter_p)
     for column, (low, high) in zip((BRIGHTNESS, CONTRAST, SATURATION, HUE),
-                                   (BRIGHTNESS_RANGE, CONTRAST_RANGE, SATURATION_RANGE, HUE_RANGE), strict=True):
+                                   (BRIGHTNESS_RANGE, CONTRAST_RANGE, SATURATION_RANGE, (-hue_max, hue_max)),
+                                   strict=True):
         row[column] = torch.empty(()).uniform_(low, high)
     row[ORDER] = torch.randperm(4).float()
-    row[GRAYSCALE] = float(torch.rand(()) < GRAYSCALE_P)
+    row[GRAYSCALE] = float(torch.rand(()) < grayscale_p)
     if torch.rand(()) < blur_p:
         row[BLUR_SIGMA] = torch.empty(()).uniform_(*sigma)
     row[SOLARIZE] = float(solarize and bool(torch.rand(()) < SOLARIZE_P))
