@@ -2,7 +2,8 @@
 
 Every crop: random resized crop (bicubic) + horizontal flip, colour jitter (brightness 0.4, contrast 0.4,
 saturation 0.2, hue 0.1) with p=0.8, grayscale with p=0.2, Gaussian blur (kernel 9, sigma 0.1-2), and for the
-second global crop solarisation (threshold 128) with p=0.2; then ImageNet normalisation.
+second global crop solarisation (threshold 128) with p=0.2; then ImageNet normalisation. The colour values are
+defaults: `color_jitter_p`, `color_jitter_hue` and `grayscale_p` weaken them for small, low-resolution data.
 
 `photometric` decides where everything after the crop and flip runs: "per_image" (the reference) in the data workers
 on the PIL crop; "batched" on the training device for the whole batch (`pretrain.data.photometric`; the workers' CPU
