@@ -3,6 +3,7 @@ decode errors reported per batch, the DataConfig schema, and the streaming path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from itertools import islice
@@ -133,15 +134,23 @@ def test_data_config_schema(tmp_path: Path, folder: Path) -> None:
         load_config(DataConfig)  # the dataset has no default
 
 
-def test_streaming_path(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("photometric", ["per_image", "batched"])
+def test_streaming_path(folder: Path, tmp_path: Path, photometric: str) -> None:
+    from pretrain.data.multicrop import apply_batch_photometric
+
     write_shards(tmp_path, imagefolder_samples(folder), per_shard=10)
+    crops = dataclasses.replace(CROPS, photometric=photometric)
     loader, sampler = build_pretrain_loader(
-        str(tmp_path), CROPS, 4, rank=0, world=2, seed=0, start_step=0, num_workers=0, patch_size=PATCH,
+        str(tmp_path), crops, 4, rank=0, world=2, seed=0, start_step=0, num_workers=0, patch_size=PATCH,
         streaming=True, shuffle_buffer=8,
     )
     assert sampler is None
-    first, second = list(islice(iter(loader), 2))
+    raw = list(islice(iter(loader), 2))
+    assert (raw[0]["global_crops"].dtype == torch.uint8) == (photometric == "batched")
+    assert ("global_photometric" in raw[0]) == (photometric == "batched")
+    first, second = [apply_batch_photometric(batch, crops) for batch in raw]
     assert first["global_crops"].shape == (8, 3, 32, 32) and first["local_crops"].shape == (8, 3, 16, 16)
+    assert first["global_crops"].dtype == torch.float32 and "global_photometric" not in first
     assert first["labels"].shape == (4,) and int((first["masks"].sum(1) > 0).sum()) == 4
     assert not torch.equal(first["global_crops"], second["global_crops"])
 
