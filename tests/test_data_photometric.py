@@ -88,8 +88,18 @@ def test_batched_multicrop_equals_the_per_crop_reference_with_the_same_draws() -
     assert apply_batch_photometric(out, cfg) is out  # finished crops pass through
 
 
-@pytest.mark.parametrize(("jitter_p", "hue_max", "grayscale_p"), [(P.JITTER_P, P.HUE_MAX, P.GRAYSCALE_P),
-                                                                  (0.5, 0.05, 0.05)])
+def test_batched_multicrop_without_local_crops() -> None:
+    """Global crops only (e.g. a high-resolution phase): the empty local stack goes through collate and the device."""
+    cfg = MultiCropConfig(**{**SMALL, "local_crops_number": 0})
+    aug = MultiCropAugmentation(cfg)
+    with Image.open(image_files(imagenette_subset())[0]) as image:
+        samples = [aug(image.convert("RGB")) for _ in range(3)]
+    out = apply_batch_photometric(stack_crops(samples, torch.float32), cfg)
+    assert out["global_crops"].shape == (6, 3, 32, 32) and out["global_crops"].dtype == torch.float32
+    assert out["local_crops"].shape[0] == 0 and out["local_crops"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("jitter_p", "hue_max", "grayscale_p"), [(0.8, 0.1, 0.2), (0.5, 0.05, 0.05)])
 def test_parameter_draws_follow_the_configured_probabilities(jitter_p, hue_max, grayscale_p) -> None:
     """Rates over 4,000 draws per crop kind within 4 standard errors of DINOv2's (blur 1 / 0.1 / 0.5 by kind) or of
     a configured colour strength."""

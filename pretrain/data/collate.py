@@ -77,9 +77,9 @@ def stack_crops(samples: Sequence[dict[str, Any]], dtype: torch.dtype) -> dict[s
             [s["local_crops"][i] for i in range(n_local) for s in samples]).to(crop_dtype)
     else:
         batch["local_crops"] = torch.empty(0, *batch["global_crops"].shape[1:2], 0, 0, dtype=crop_dtype)
-    for key, n in (("global_photometric", n_global), ("local_photometric", n_local)):
-        if key in samples[0]:  # one parameter row per crop, crop-major like the crops
-            batch[key] = torch.stack([s[key][i] for i in range(n) for s in samples]) if n else samples[0][key]
+    for key in ("global_photometric", "local_photometric"):
+        if key in samples[0]:  # [crops, P] per sample -> [crops * batch, P], crop-major like the crops
+            batch[key] = torch.stack([s[key] for s in samples], dim=1).flatten(0, 1)
     if all("label" in s for s in samples):
         batch["labels"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
     if all("position" in s for s in samples):

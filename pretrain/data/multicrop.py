@@ -33,7 +33,16 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.data.photometric import apply_photometric, blur_kernel_size, draw_photometric
+from pretrain.data.photometric import (
+    BRIGHTNESS_RANGE,
+    CONTRAST_RANGE,
+    SATURATION_RANGE,
+    SOLARIZE_P,
+    SOLARIZE_THRESHOLD,
+    apply_photometric,
+    blur_kernel_size,
+    draw_photometric,
+)
 
 BLUR_SEMANTICS = ("standard", "dinov2_legacy")
 PHOTOMETRIC = ("per_image", "batched")
@@ -118,11 +127,12 @@ class MultiCropAugmentation:
         self.blur_global1 = _random_blur(blur.global1, sigma)
         self.blur_global2 = _random_blur(blur.global2, sigma)
         self.blur_local = _random_blur(blur.local, sigma)
-        self.solarize = v2.RandomSolarize(threshold=128, p=0.2)
+        self.solarize = v2.RandomSolarize(threshold=round(SOLARIZE_THRESHOLD * 255), p=SOLARIZE_P)
         self.geometric_global = _crop_and_flip(cfg.global_crops_size, cfg.global_crops_scale)
         self.geometric_local = _crop_and_flip(cfg.local_crops_size, cfg.local_crops_scale)
         colour = [
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=cfg.color_jitter_hue)],
+            v2.RandomApply([v2.ColorJitter(brightness=BRIGHTNESS_RANGE, contrast=CONTRAST_RANGE,
+                                           saturation=SATURATION_RANGE, hue=cfg.color_jitter_hue)],
                            p=cfg.color_jitter_p),
             v2.RandomGrayscale(p=cfg.grayscale_p),
         ]
@@ -155,10 +165,10 @@ class MultiCropAugmentation:
         crops += [self.geometric_local(image) for _ in range(n_local)]
         parameters = [draw(self.blur.global1, solarize=False), draw(self.blur.global2, solarize=True)]
         parameters += [draw(self.blur.local, solarize=False) for _ in range(n_local)]
+        global_rows, local_rows = torch.stack(parameters).split([2, n_local])
         tensors = [v2.functional.pil_to_tensor(crop) for crop in crops]
         return {"global_crops": tensors[:2], "local_crops": tensors[2:],
-                "global_photometric": torch.stack(parameters[:2]),
-                "local_photometric": torch.stack(parameters[2:]) if n_local else torch.empty(0, parameters[0].numel())}
+                "global_photometric": global_rows, "local_photometric": local_rows}
 
     def __repr__(self) -> str:
         blur = blur_probabilities(self.cfg.blur_semantics)

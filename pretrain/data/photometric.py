@@ -24,15 +24,16 @@ ORDER = slice(5, 9)  # the permutation of (brightness, contrast, saturation, hue
 GRAYSCALE, BLUR_SIGMA, SOLARIZE = 9, 10, 11  # BLUR_SIGMA 0: no blur
 N_PARAMS = 12
 
-# DINOv2's multi-crop values (pretrain.data.multicrop module docstring); MultiCropConfig can change the first three
-JITTER_P, GRAYSCALE_P, HUE_MAX, SOLARIZE_P = 0.8, 0.2, 0.1, 0.2
+# DINOv2's fixed multi-crop values, shared with the per-image path; the jitter and grayscale probabilities and the hue
+# range are MultiCropConfig's (color_jitter_p, grayscale_p, color_jitter_hue)
 BRIGHTNESS_RANGE, CONTRAST_RANGE, SATURATION_RANGE = (0.6, 1.4), (0.6, 1.4), (0.8, 1.2)
+SOLARIZE_P = 0.2
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255
 
 
-def draw_photometric(blur_p: float, sigma: tuple[float, float], solarize: bool, jitter_p: float = JITTER_P,
-                     hue_max: float = HUE_MAX, grayscale_p: float = GRAYSCALE_P) -> torch.Tensor:
+def draw_photometric(blur_p: float, sigma: tuple[float, float], solarize: bool, jitter_p: float, hue_max: float,
+                     grayscale_p: float) -> torch.Tensor:
     """One crop's parameters [N_PARAMS], drawn from torch's global generator (seeded per sample by the caller)."""
     row = torch.zeros(N_PARAMS)
     row[JITTER] = float(torch.rand(()) < jitter_p)
