@@ -2,8 +2,9 @@
 then k-NN (k=20) top-1 on Imagenette val for the trained teacher, the same architecture at random init, and raw
 pixels, all measured in this run. Prints one JSON object.
 
-usage: python bench/bench_cpu_recipe.py [--data DIR] [--steps N] [--curve EVERY] [--out DIR]
+usage: python bench/bench_cpu_recipe.py [--data DIR] [--steps N] [--curve EVERY] [--out DIR] [--set KEY=VALUE ...]
 DIR holds train/ and val/ class folders (default: the shared Imagenette, unpacked under ~/.cache/dinoforge/data).
+--set: recipe changes to try (config overrides, applied before --steps scales the warm-ups).
 --curve EVERY: the training's k-NN monitor runs every EVERY steps on seeded subsets (2,000 train / 1,000 val images)
 and the curve is printed; its time is reported apart (`monitor_s`, included in `train_s`). The small bank reads well
 below the whole sets: 32.7% against 40.3% for the same cpu_tiny weights, so compare the curve with itself only.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -107,10 +109,13 @@ def knn_curve(run_dir: Path) -> tuple[list[dict], float]:
     return curve, sum(r["knn/seconds"] for r in records)
 
 
-def train_recipe(root: Path, out: Path, steps: int | None, curve_every: int = 0) -> tuple[Path, TrainConfig, float]:
-    """Run `cpu_tiny` on root/train (through the CLI, as a user would); -> run dir, its config, wall seconds."""
-    cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={root / 'train'}"])
-    overrides = [f"data.dataset={root / 'train'}", f"output_dir={out}", "name=cpu_tiny", "checkpoint_every=0"]
+def train_recipe(root: Path, out: Path, steps: int | None, curve_every: int = 0,
+                 changes: Sequence[str] = ()) -> tuple[Path, TrainConfig, float]:
+    """Run `cpu_tiny` with `changes` on root/train (through the CLI, as a user would); -> run dir, its config,
+    wall seconds."""
+    cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={root / 'train'}", *changes])
+    overrides = [f"data.dataset={root / 'train'}", *changes, f"output_dir={out}", "name=cpu_tiny",
+                 "checkpoint_every=0"]
     if steps and steps != cfg.total_steps:
         overrides += schedule_overrides(cfg, steps)
     if curve_every:
@@ -123,10 +128,10 @@ def train_recipe(root: Path, out: Path, steps: int | None, curve_every: int = 0)
     return out / "cpu_tiny", load_config(TrainConfig, RECIPE, overrides), time.perf_counter() - started
 
 
-def run(root: Path, out: Path, steps: int | None, curve_every: int = 0) -> dict:
-    run_dir, cfg, seconds = train_recipe(root, out, steps, curve_every)
+def run(root: Path, out: Path, steps: int | None, curve_every: int = 0, changes: Sequence[str] = ()) -> dict:
+    run_dir, cfg, seconds = train_recipe(root, out, steps, curve_every, changes)
     train, val = str(root / "train"), str(root / "val")
-    result = {"recipe": "cpu_tiny", "steps": cfg.total_steps, "train_s": round(seconds, 1),
+    result = {"recipe": "cpu_tiny", "changes": list(changes), "steps": cfg.total_steps, "train_s": round(seconds, 1),
               "knn_k20": {"trained": backbone_knn(cfg.model, str(run_dir), train, val, out / "eval_trained"),
                           "random_init": backbone_knn(cfg.model, "random", train, val, out / "eval_random"),
                           f"pixels_{PIXEL_SIDE}": pixel_knn(cfg.model, train, val)}}
@@ -146,11 +151,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="a shorter (or longer) schedule of the recipe")
     parser.add_argument("--curve", type=int, default=0, metavar="EVERY", help="k-NN monitor every EVERY steps")
     parser.add_argument("--out", type=Path, default=None, help="where the run goes (default: a temporary folder)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe changes to try")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         sys.exit(f"error: {args.data}/train is not a folder: pass --data with train/ and val/ class folders")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_cpu_recipe-"))
-    print(json.dumps(run(args.data, out, args.steps, args.curve), indent=1))
+    print(json.dumps(run(args.data, out, args.steps, args.curve, args.set), indent=1))
 
 
 if __name__ == "__main__":
