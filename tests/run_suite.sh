@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test`'s pytest: everything but `gpu`, as two pytest processes side by side on the machine's cores (one
+# `make test`'s pytest: everything but `gpu` and `long`, as two pytest processes side by side on the machine's cores (one
 # pytest process keeps under one core busy on average). The background one runs the Slurm tests first, whose minutes
 # go mostly to waiting on Slurm (time limits, requeues, the scheduler's 30 s checks), then the longest CPU test (the
 # cpu_tiny quality run); the foreground one runs the rest. The background output follows the foreground's; the
@@ -14,10 +14,10 @@ for file in "${background_files[@]}"; do ignore+=("--ignore=$file"); done
 scratch=$(mktemp -d -t dinoforge-tests.XXXXXX)
 log=$scratch/pytest.log
 # its own base temp folder: two pytest sessions must not prune each other's numbered folders
-"$py" -m pytest -m "not gpu" --durations=10 --basetemp "$scratch/tmp" "$@" "${background_files[@]}" >"$log" 2>&1 &
+"$py" -m pytest -m "not gpu and not long" --durations=10 --basetemp "$scratch/tmp" "$@" "${background_files[@]}" >"$log" 2>&1 &
 background=$!
 trap 'kill "$background" 2>/dev/null; exit 130' INT TERM
-"$py" -m pytest -m "not gpu" --durations=10 "${ignore[@]}" "$@"
+"$py" -m pytest -m "not gpu and not long" --durations=10 "${ignore[@]}" "$@"
 main_rc=$?
 wait "$background"
 background_rc=$?
