@@ -4,7 +4,7 @@ drop path, FFN, centering, temperatures and momentum horizon kept), learns on Im
 the teacher's [CLS] targets leave log K, the DINO loss falls below log K, and k-NN (k=20, 1,500-image bank, 500
 queries) beats the same replica at random init.
 
-Marked `long`: five replicas take ~35 minutes on 2 CPU cores, more than the whole suite's budget, so `make test`
+Marked `long`: the five replicas took 27 minutes on 2 CPU cores, more than the whole suite's budget, so `make test`
 leaves them out; run them with `pytest -m long tests/test_recipe_replicas_learn.py`.
 `python bench/bench_recipe_replicas.py` prints the same figures as JSON.
 """
