@@ -67,15 +67,15 @@ def trainer_ms(cfg: MultiCropConfig, samples: list[dict]) -> float:
     return 1000 * best / TRAINER_BATCH
 
 
-def measure(name: str, images: list[Image.Image]) -> dict:
+def measure(name: str, images: list[Image.Image], trainer_threads: int) -> dict:
+    """Both paths of recipe `name` on `images`: the worker with one thread, the trainer with `trainer_threads`."""
     crops = load_config(TrainConfig, CONFIGS / f"{name}.yaml", ["data.dataset=unused"]).data.multicrop
+    torch.set_num_threads(1)  # as in a data worker
     per_image, _ = worker_ms(dataclasses.replace(crops, photometric="per_image"), images)
     batched_cfg = dataclasses.replace(crops, photometric="batched")
     batched, samples = worker_ms(batched_cfg, images)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the trainer's threads on this machine
+    torch.set_num_threads(trainer_threads)
     trainer = trainer_ms(batched_cfg, samples)
-    torch.set_num_threads(threads)
     return {"crops": f"2 x {crops.global_crops_size} + {crops.local_crops_number} x {crops.local_crops_size} px",
             "shipped": crops.photometric, "worker_ms_per_image": {"per_image": round(per_image, 2),
                                                                   "batched": round(batched, 2)},
@@ -89,8 +89,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/ photos")
     args = parser.parse_args()
     images = load_images(args.data / "train", args.images)
-    torch.set_num_threads(1)  # as in a data worker
-    results = {name: measure(name, images) for name in args.recipes.split(",")}
+    trainer_threads = torch.get_num_threads()  # torch's default here, as the training process gets it
+    results = {name: measure(name, images, trainer_threads) for name in args.recipes.split(",")}
     sizes = sorted({image.size for image in images})
     print(json.dumps({"images": len(images), "image_sizes": [list(s) for s in sizes[:3]], "recipes": results},
                      indent=1))

@@ -15,7 +15,7 @@ from bench.bench_augment import load_images, measure  # noqa: E402
 def test_the_batched_worker_does_less_than_the_per_image_one(image_folder, one_thread):
     images = load_images(image_folder, 12)
     assert len(images) == 12 and len({image.size for image in images}) == 1
-    result = measure("gpu_small", images)
+    result = measure("gpu_small", images, trainer_threads=1)
     assert result["crops"] == "2 x 112 + 8 x 48 px" and result["shipped"] == "batched"
     ms = result["worker_ms_per_image"]
     assert ms["batched"] > 0 and abs(result["worker_ratio"] - ms["per_image"] / ms["batched"]) < 0.05
