@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dinoforge.config import ConfigError
 from pretrain.lr_scaling import SCALING_RULES, scaled_lr
 from pretrain.optim import OptimConfig
 
@@ -95,10 +96,10 @@ class TrainingSchedules:
         """Schedules for a run of `total_steps` optimizer steps of `global_batch` images each (all ranks and
         accumulated micro-batches together; it sets the peak lr through `cfg.scaling_rule`)."""
         if total_steps <= 0:
-            raise ValueError(f"total_steps={total_steps} must be > 0")
+            raise ConfigError(f"total_steps={total_steps} must be > 0")
         if cfg.warmup_steps > total_steps:
-            raise ValueError(f"optim.warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps); "
-                             f"lower it or train longer")
+            raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} is longer than the run (total_steps="
+                              f"{total_steps}): lower optim.warmup_steps or raise total_steps")
         for key in ("freeze_last_layer_steps", "warmup_teacher_temp_steps"):
             if getattr(cfg, key) > total_steps:
                 logger.warning("optim.%s=%d is longer than the run (%d steps)", key, getattr(cfg, key), total_steps)

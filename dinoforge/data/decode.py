@@ -148,12 +148,22 @@ def _unidentified(data: bytes) -> str:
     plugin says what is wrong with it."""
     Image.init()
     for fmt, (factory, accept) in Image.OPEN.items():
-        if accept is not None and accept(data[:16]) is True:
+        if accept is not None and _accepts(accept, data[:16]):
             try:
                 factory(io.BytesIO(data), "")
             except Exception as err:  # noqa: BLE001 - plugins raise SyntaxError, struct.error, ValueError...
                 return f"corrupt {fmt}: {short_error(err)}"
-    return f"not an image: no known image format in the first bytes {data[:8]!r}"
+    # The reason names no byte of the content: a link to a private file must not copy it into manifests and reports.
+    return f"not an image: no known image format signature in its first bytes ({len(data)} bytes in all)"
+
+
+def _accepts(accept, prefix: bytes) -> bool:
+    """A plugin's signature check, which may itself fail on a prefix shorter than it reads (BMP's reads 4 bytes and
+    raises struct.error on 1 to 3)."""
+    try:
+        return accept(prefix) is True
+    except Exception:  # noqa: BLE001 - a failed signature check means "not this format"
+        return False
 
 
 def short_error(err: BaseException) -> str:
