@@ -26,6 +26,20 @@ def knn_keys(records: list[dict]) -> tuple[str, ...]:
     return tuple(sorted({key for record in records for key in record if key.startswith("knn/top1")}))
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """Raise FileNotFoundError saying which folder `plot` expects when `run_dir` is not a run with metrics."""
+    expected = ("pass a pretrain run folder (output_dir/name, e.g. runs/pretrain/cpu_tiny) holding metrics.jsonl "
+                "and config.yaml")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder: {expected}")
+    for name in ("metrics.jsonl", "config.yaml"):
+        if not (run_dir / name).is_file():
+            # A run's subfolder (export/, checkpoints/) given for the run itself: name the run.
+            parent = next((p for p in run_dir.resolve().parents if (p / name).is_file()), None)
+            hint = f"; did you mean {parent}?" if parent is not None else ""
+            raise FileNotFoundError(f"{run_dir} has no {name}: {expected}{hint}")
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's curves to `out` (default RUN/curves.png) and return its path."""
     import matplotlib
@@ -36,6 +50,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from pretrain.train_config import TrainConfig
 
     run_dir = Path(run_dir)
+    check_run_folder(run_dir)
     records = read_metrics(run_dir)
     if not records:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} has no logged step yet: train first, or wait for the "
