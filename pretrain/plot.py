@@ -26,18 +26,17 @@ def knn_keys(records: list[dict]) -> tuple[str, ...]:
     return tuple(sorted({key for record in records for key in record if key.startswith("knn/top1")}))
 
 
-def check_run_folder(run_dir: Path) -> None:
-    """Raise FileNotFoundError saying which folder `plot` expects when `run_dir` is not a run with metrics."""
+def check_run_file(run_dir: Path, name: str) -> None:
+    """Raise FileNotFoundError saying which folder `plot` expects when `run_dir` has no file `name`."""
     expected = ("pass a pretrain run folder (output_dir/name, e.g. runs/pretrain/cpu_tiny) holding metrics.jsonl "
                 "and config.yaml")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a folder: {expected}")
-    for name in ("metrics.jsonl", "config.yaml"):
-        if not (run_dir / name).is_file():
-            # A run's subfolder (export/, checkpoints/) given for the run itself: name the run.
-            parent = next((p for p in run_dir.resolve().parents if (p / name).is_file()), None)
-            hint = f"; did you mean {parent}?" if parent is not None else ""
-            raise FileNotFoundError(f"{run_dir} has no {name}: {expected}{hint}")
+    if not (run_dir / name).is_file():
+        # A run's subfolder (export/, checkpoints/) given for the run itself: name the run.
+        parent = next((p for p in run_dir.resolve().parents if (p / name).is_file()), None)
+        hint = f"; did you mean {parent}?" if parent is not None else ""
+        raise FileNotFoundError(f"{run_dir} has no {name}: {expected}{hint}")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -50,11 +49,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from pretrain.train_config import TrainConfig
 
     run_dir = Path(run_dir)
-    check_run_folder(run_dir)
+    check_run_file(run_dir, "metrics.jsonl")
     records = read_metrics(run_dir)
     if not records:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} has no logged step yet: train first, or wait for the "
                                 "first log_every steps")
+    check_run_file(run_dir, "config.yaml")
     cfg = load_config(TrainConfig, run_dir / "config.yaml")
     log_k = math.log(cfg.loss.dino_head.out_dim)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))

@@ -31,7 +31,7 @@ def test_plot_names_the_missing_file_and_the_run_of_a_subfolder(tmp_path, capsys
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     for name in {"metrics.jsonl", "config.yaml"} - {missing}:
-        (run / name).write_text("")
+        (run / name).write_text('{"step": 1, "total_loss": 1.0}\n' if name == "metrics.jsonl" else "")
     assert main(["plot", str(run)]) == 1
     assert f"has no {missing}" in _error_line(capsys)
     (run / missing).write_text("")
