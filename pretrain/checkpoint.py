@@ -5,6 +5,10 @@ Layout under `root` (the run's `checkpoints/`):
     step_00001000.tmp-<id>  a checkpoint being written, renamed to step_%08d only once every rank has finished
     latest                  text file naming the newest complete directory, replaced atomically (os.replace)
 
+Each checkpoint holds `integrity.json` (pretrain.checkpoint_manifest): its files' sizes, written before it is
+published, and their SHA-256, added by a background thread. Loading checks it first: a damaged checkpoint is a
+DamagedCheckpointError naming the file, and resuming (no step asked) falls back to the newest intact one.
+
 The reference writes one file per rank that cannot be merged or resharded; DCP stores every tensor with its
 global shape, so a checkpoint written by N processes loads into M (each rank reads only its own shards).
 DCP stores non-tensor values with pickle: load only checkpoints your own runs wrote.
@@ -17,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -27,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,6 +44,13 @@ from torch.distributed.tensor import DTensor
 
 from dinoforge.collectives import barrier, current_rank
 from dinoforge.launch import is_distributed
+from pretrain.checkpoint_manifest import (
+    DamagedCheckpoint,
+    DamagedCheckpointError,
+    hash_in_background,
+    verify,
+    write_sizes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +233,19 @@ class Checkpointer:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.damaged: list[DamagedCheckpoint] = []  # what the last `load` passed over, newest first
+        self._hashers: dict[str, threading.Thread] = {}  # directory name -> the thread hashing its files
+
+    def wait_for_hashes(self) -> None:
+        """Wait until every published checkpoint's manifest holds its hashes."""
+        for name in list(self._hashers):
+            self._settle(name)
+
+    def _settle(self, name: str) -> None:
+        """Let the hashing of `name` finish before the directory is replaced or deleted."""
+        thread = self._hashers.pop(name, None)
+        if thread is not None:
+            thread.join()
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -274,6 +300,8 @@ class Checkpointer:
         return final
 
     def _publish(self, tmp: Path, final: Path, nonce: str) -> None:
+        manifest = write_sizes(tmp)  # part of the checkpoint before it is visible under its final name
+        self._settle(final.name)
         replaced = None
         if final.exists():  # the same step saved again (e.g. right after a resume): swap, then drop the old one
             replaced = final.with_name(f"{final.name}.tmp-replaced-{nonce}")
@@ -288,6 +316,7 @@ class Checkpointer:
         _fsync_dir(self.root)
         if replaced is not None:
             shutil.rmtree(replaced)
+        self._hashers[final.name] = hash_in_background(final, manifest)
 
     def _remove_temporaries(self) -> None:
         """Delete what crashed saves left behind: `*.tmp-*` directories and pointer files."""
@@ -306,29 +335,64 @@ class Checkpointer:
         for step in steps[: max(len(steps) - self.keep_last, 0)]:
             path = self.step_dir(step)
             if path.name != keep:
+                self._settle(path.name)
                 shutil.rmtree(path)
                 logger.info("pruned checkpoint %s (keep_last=%d)", path, self.keep_last)
 
     # -- loading ----------------------------------------------------------------------------------------------------
 
     def load(self, app_state: dict[str, Any], step: int | None = None) -> int:
-        """Load checkpoint `step` (default: latest) in place into `app_state`, resharding as needed; returns step."""
+        """Load checkpoint `step` in place into `app_state`, resharding as needed; returns the step loaded.
+
+        Without `step`: the latest, or when it is damaged the newest intact one before it (each one passed over is
+        logged and listed in `self.damaged`). A damaged `step` asked for is a DamagedCheckpointError naming the file.
+        """
         self._check_names(app_state)
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no complete checkpoint under {self.root} (expected step_XXXXXXXX "
-                                        "directories); start without resuming or point to another run")
+        self.damaged = []
+        if step is not None:
+            self._load_step(app_state, step)
+            return step
+        latest = self.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root} (expected step_XXXXXXXX "
+                                    "directories); start without resuming or point to another run")
+        for candidate in [latest, *(s for s in reversed(self.steps()) if s < latest)]:
+            try:
+                self._load_step(app_state, candidate)
+            except DamagedCheckpointError as err:
+                logger.warning("checkpoint %s is damaged, trying the one before: %s", self.step_dir(candidate), err)
+                self.damaged.append(DamagedCheckpoint(candidate, err.path or self.step_dir(candidate), str(err)))
+                continue
+            if self.damaged:
+                logger.warning("resumed from step %d, the newest intact checkpoint; passed over %s", candidate,
+                               ", ".join(str(d.path) for d in self.damaged))
+            return candidate
+        raise DamagedCheckpointError(
+            f"every checkpoint under {self.root} is damaged ({'; '.join(d.problem for d in self.damaged)}); move "
+            "them aside to start the run again, or restore them from a copy", self.root)
+
+    def _load_step(self, app_state: dict[str, Any], step: int) -> None:
         path = self.step_dir(step)
         if not _is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint; complete steps: {self.steps()}")
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        verify(path)
+        metadata = path / ".metadata"
+        try:
+            saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        except Exception as err:  # unpickling damaged bytes raises nearly any type (UnpicklingError, EOFError...)
+            raise DamagedCheckpointError(f"checkpoint file {metadata} cannot be read ({type(err).__name__}: {err})",
+                                         metadata) from None
         self._match_entries(app_state, saved, path)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)
-            dcp.load(app_state, checkpoint_id=path)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)
+                dcp.load(app_state, checkpoint_id=path)
+        except CheckpointException as err:
+            if "read_data" not in str(err):  # planning failed: the checkpoint does not fit this model
+                raise
+            causes = "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in err.failures.items())
+            raise DamagedCheckpointError(f"checkpoint {path} cannot be read ({causes[:300]})", path) from None
         logger.info("loaded checkpoint %s", path)
-        return step
 
     @staticmethod
     def _check_names(app_state: dict[str, Any]) -> None:
