@@ -21,8 +21,16 @@ from dinoforge.data.datasets import build_dataset
 from dinoforge.data.errors import DatasetError
 from dinoforge.data.transforms import make_eval_transform
 from dinoforge.launch import resolve_device
-from dinoforge.models.loading import RANDOM_WEIGHTS, load_backbone, weights_fingerprint
-from evaluation.config import TASK_SCHEMAS, EvalRunConfig, KnnEvalConfig, LinearEvalConfig, LogregEvalConfig
+from dinoforge.models.export_reader import exported_model_config
+from dinoforge.models.loading import RANDOM_WEIGHTS, is_run_directory, load_backbone, weights_fingerprint
+from evaluation.config import (
+    TASK_SCHEMAS,
+    BackboneConfig,
+    EvalRunConfig,
+    KnnEvalConfig,
+    LinearEvalConfig,
+    LogregEvalConfig,
+)
 from evaluation.feature_cache import cache_path, cached_features, dataset_fingerprint
 from evaluation.feature_set import FeatureSet
 from evaluation.features import extract_features
@@ -66,6 +74,7 @@ def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
     if current_rank() == 0:
         save_config(cfg, out)
     model = load_backbone(cfg.model).to(device)
+    model_facts = loaded_model_facts(cfg.model, model)
     transform = make_eval_transform(cfg.transform)
     n_blocks = max(cfg.linear.n_last_blocks) if isinstance(cfg, LinearEvalConfig) else 1
     datasets = {split: build_dataset(getattr(cfg, split), transform=transform, with_labels=True)
@@ -82,8 +91,8 @@ def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
     runner = {"knn": _knn, "linear": _linear, "logreg": _logreg}[task]
     result = runner(cfg, train, val, num_classes, device)
     result.meta = {
-        "weights": cfg.model.weights, "weights_fingerprint": fingerprint, "arch": cfg.model.arch,
-        "patch_size": cfg.model.patch_size, "train": cfg.train, "val": cfg.val, "n_train": len(train),
+        "weights": cfg.model.weights, "weights_fingerprint": fingerprint, **model_facts, "train": cfg.train,
+        "val": cfg.val, "n_train": len(train),
         "n_val": len(val), "num_classes": num_classes, "feature_dim": train.dim,
         "decode_errors": {"train": train.decode_errors, "val": val.decode_errors},
         "rejected_files": {split: _rejected_count(ds) for split, ds in datasets.items()},
@@ -93,6 +102,14 @@ def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
     json_path, md_path = write_results(result, out)
     logger.info("results written to %s and %s", json_path, md_path)
     return result
+
+
+def loaded_model_facts(model_cfg: BackboneConfig, model: nn.Module) -> dict:
+    """The architecture that was evaluated. A pretrain run directory brings its own model config (its export's
+    model.json), which replaces the evaluation config's architecture fields: report the run's, not those."""
+    built = exported_model_config(model_cfg.weights) if is_run_directory(model_cfg.weights) else model_cfg
+    return {"arch": built.arch, "patch_size": model.patch_size, "depth": len(model.blocks),
+            "num_register_tokens": built.num_register_tokens}
 
 
 def align_labels(train_set: Dataset, val_set: Dataset, train: FeatureSet, val: FeatureSet

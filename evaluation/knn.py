@@ -147,11 +147,11 @@ def knn_evaluate_report(
     skipped: list[dict] = []
 
     def usable_ks(n_train: int, subset: str) -> list[int]:
-        for k in ks:
-            if k > n_train:
-                skipped.append({"train": subset, "k": k, "reason": f"k > {n_train} train samples"})
-                logger.warning("k-NN: skipping k=%d on the %s train set (%d samples)", k, subset, n_train)
-        return [k for k in ks if k <= n_train]
+        fitting, left_out = fit_ks(ks, n_train)
+        for k, reason in left_out.items():
+            skipped.append({"train": subset, "k": k, "reason": reason})
+            logger.warning("k-NN on the %s train set: k=%d left out (%s)", subset, k, reason)
+        return fitting
 
     full_ks = usable_ks(len(train_labels), "full")
     if full_ks:
@@ -181,6 +181,20 @@ def knn_evaluate_report(
             rows.append({"train": subset, "k": k, "top1": top1.mean().item(), "top5": top5.mean().item(),
                          "tries": len(accs)})
     return {"metrics": metrics, "rows": rows, "skipped": skipped}
+
+
+def fit_ks(ks: Sequence[int], n_train: int) -> tuple[list[int], dict[int, str]]:
+    """The ks a bank of `n_train` samples can answer, and why each other k is left out.
+
+    A k above the bank is left out; when every k is, the bank's size is used as the one k (each left-out k says
+    so), because an evaluation that exits with no number at all looks like success in a results table.
+    """
+    fitting = [k for k in ks if k <= n_train]
+    left_out = {k: f"k > {n_train} train samples" for k in ks if k > n_train}
+    if not fitting and n_train > 0:
+        fitting = [n_train]
+        left_out = {k: f"{reason}; clamped to k={n_train}" for k, reason in left_out.items()}
+    return fitting, left_out
 
 
 def few_shot_indices(labels: Tensor, n_per_class: int, seed: int) -> Tensor:

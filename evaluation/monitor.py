@@ -18,7 +18,7 @@ from torch import nn
 
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, make_eval_transform
 from evaluation.features import extract_features
-from evaluation.knn import knn_evaluate
+from evaluation.knn import fit_ks, knn_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ class KnnMonitor:
                 indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
                 dataset = Subset(dataset, indices)
             self.datasets[split] = dataset
-        usable = [k for k in cfg.k if k <= len(self.datasets["train"])]
-        if not usable:
-            raise ValueError(f"knn monitor: every k in {cfg.k} exceeds the {len(self.datasets['train'])} train images")
-        self.ks = usable
+        self.ks, left_out = fit_ks(cfg.k, len(self.datasets["train"]))
+        for k, reason in left_out.items():
+            logger.warning("knn monitor: k=%d left out (%s)", k, reason)
         logger.info("knn monitor: %d train / %d val images every %d steps, k=%s", len(self.datasets["train"]),
                     len(self.datasets["val"]), cfg.every_n_steps, self.ks)
 

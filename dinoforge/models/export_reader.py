@@ -35,10 +35,14 @@ def find_export(path: str | Path) -> Path:
                             "directory, its export/ folder, or a backbone weights file")
 
 
+def exported_model_config(path: str | Path) -> ModelConfig:
+    """The model config of a pretrain run's export (or of the export folder itself): what the run trained."""
+    return ModelConfig(**json.loads((find_export(path) / MODEL_CONFIG_FILE).read_text()))
+
+
 def load_exported_backbone(path: str | Path) -> nn.Module:
     """The teacher backbone of a pretrain run (or its export folder), built from the run's model config, in eval
     mode: how evaluation and curation use our own models."""
-    folder = find_export(path)
-    backbone = build_backbone(ModelConfig(**json.loads((folder / MODEL_CONFIG_FILE).read_text())), drop_path=False)
-    load_pretrained(backbone, folder / BACKBONE_FILE)
+    backbone = build_backbone(exported_model_config(path), drop_path=False)
+    load_pretrained(backbone, find_export(path) / BACKBONE_FILE)
     return backbone.eval()
