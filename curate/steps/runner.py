@@ -8,6 +8,7 @@ run in, so a test can run a toy pipeline through this same code; `curate.steps` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from curate.errors import CurateError
 from curate.manifest import derive_status, drop_columns, read_manifest, write_manifest
 from curate.rundir import RunDir, fingerprint
 from dinoforge.config import save_config, to_yaml
+from dinoforge.run_lock import RunLock
 
 if TYPE_CHECKING:  # curate.config gathers every step's config and with them the steps' heavy imports
     from curate.config import CurateConfig
@@ -198,11 +200,14 @@ def run_step(steps: Sequence[Step], name: str, cfg: CurateConfig, partitions: Se
     if partitions is not None and force:
         raise ValueError("force with partitions would discard the partitions other tasks finished; force the whole "
                          "step once (no partitions) instead")
-    save_run_config(cfg)
-    return execute(steps, name, cfg, partitions, force)
+    # a whole step locks the run folder; a Slurm array task (partitions) shares it with its step's other tasks
+    with RunLock(cfg.run_dir) if partitions is None else contextlib.nullcontext():
+        save_run_config(cfg)
+        return execute(steps, name, cfg, partitions, force)
 
 
 def run_all(steps: Sequence[Step], cfg: CurateConfig, force: bool = False) -> list[StepResult]:
     """Every step in order; finished steps are skipped. `force` redoes them all."""
-    save_run_config(cfg)
-    return [execute(steps, step.name, cfg, force=force) for step in steps]
+    with RunLock(cfg.run_dir):  # a second `curate run` on this folder refuses, naming this process
+        save_run_config(cfg)
+        return [execute(steps, step.name, cfg, force=force) for step in steps]
