@@ -18,7 +18,7 @@ import pyarrow as pa
 from curate.decode import DecodeLimits
 from curate.manifest import STATUSES, cluster_columns, read_manifest
 from curate.report_html import Tile, grid, group, histogram_svg, page, section, table
-from curate.rundir import RunDir
+from curate.rundir import THIS_CALL, RunDir
 from curate.sources import SampleReader
 from dinoforge.atomic import atomic_write_text
 from dinoforge.data.shard_index import INDEX_NAME, read_index
@@ -104,8 +104,9 @@ def _counts_section(run: RunDir, rows: list[dict], pool: list[dict], steps: Sequ
     for step in steps:
         marker = run.read_marker(step)
         if marker:
-            summary = ", ".join(f"{k}={v}" for k, v in sorted(marker.get("summary", {}).items())
-                                if not isinstance(v, dict | list))
+            facts = marker.get("summary", {})
+            facts = {**facts, **facts.get(THIS_CALL, {})}  # how the last call ran (images/s...) is shown too
+            summary = ", ".join(f"{k}={v}" for k, v in sorted(facts.items()) if not isinstance(v, dict | list))
             step_rows.append((step, marker.get("finished_at", ""), float(marker.get("elapsed_s", 0.0)), summary))
         else:
             step_rows.append((step, "not run", "", ""))

@@ -2,7 +2,8 @@
 
 A marker `_SUCCESS.<step>` is written last by a step and holds a fingerprint of what the step's output depends on:
 its own config section and the `output` ids of the steps it read. The `output` id hashes the fingerprint and the
-step's summary, which for ingest includes a digest of every row's uid and sha256: re-ingesting files whose bytes
+step's summary (less its `this_call` timings and counts), which for ingest includes a digest of every row's uid and
+sha256: re-ingesting files whose bytes
 changed gives a new id, so everything after it is redone. A step whose marker matches is skipped; one whose marker
 does not match (its config, or an upstream result, changed) is redone, and a step that runs removes the markers
 of the steps after it, which rebuild their manifest columns. Non-semantic knobs (batch size, workers, device) are
@@ -27,10 +28,22 @@ from dinoforge.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
+# The summary key of facts about the call that completed a step rather than about its output (see `output_id`).
+THIS_CALL = "this_call"
+
 
 def fingerprint(payload: Any) -> str:
     """Short sha256 of a JSON-serialisable payload (keys sorted)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def output_id(expected: str, summary: dict) -> str:
+    """The id of a step's output: its fingerprint and its summary, less the summary's `THIS_CALL` part.
+
+    That part says how the last call ran (images embedded by it, images per second): an interrupted and resumed
+    run produces the same artefacts as an uninterrupted one, so it must give the steps after it the same ids.
+    """
+    return fingerprint({"fingerprint": expected, "summary": {k: v for k, v in summary.items() if k != THIS_CALL}})
 
 
 class RunDir:
@@ -90,9 +103,8 @@ class RunDir:
         return False
 
     def write_marker(self, step: str, expected: str, summary: dict, started: float) -> Path:
-        """Mark `step` complete (atomic write, last action of the step)."""
-        doc = {"step": step, "fingerprint": expected, "output": fingerprint({"fingerprint": expected,
-                                                                            "summary": summary}),
+        """Mark `step` complete (atomic write, last action of the step); `output_id` names what it produced."""
+        doc = {"step": step, "fingerprint": expected, "output": output_id(expected, summary),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(time.time() - started, 3),
                "summary": summary}
         return atomic_write_json(self.marker(step), doc)

@@ -265,7 +265,7 @@ def test_shard_step_resumes_partial_output(reference, tmp_path):
     part_tmp.write_text("{")
     untouched = {p.name: p.stat().st_mtime_ns for p in shards[3:]}
     result = run_step("shard", cfg)
-    assert result.status == "done" and result.summary["written_now"] == 2
+    assert result.status == "done" and result.summary["this_call"]["written_now"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in shards[3:]} == untouched
     _same_outputs(reference["run"], run)
     assert not half.exists() and not part_tmp.exists()

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from curate.errors import CurateError
 from curate.manifest import mask_of, read_manifest
-from curate.rundir import RunDir
+from curate.rundir import THIS_CALL, RunDir
 from curate.sources import SampleReader
 from curate.store import EmbeddingStore
 
@@ -73,8 +73,8 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     for embedder, store in zip(embedders, stores, strict=True):
         store.write_index(embedder.name, embedder.dim)
     return {"model": embedders[0].name, "dim": embedders[0].dim, "dedup_model": embedders[-1].name
-            if cfg.dedup_embed is not None else embedders[0].name, "embedded_now": n_images,
-            "images_per_s": round(n_images / seconds, 2) if seconds else None}
+            if cfg.dedup_embed is not None else embedders[0].name,
+            THIS_CALL: {"embedded_now": n_images, "images_per_s": round(n_images / seconds, 2) if seconds else None}}
 
 
 class _SampleBytes:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from curate.report import write_report
+from curate.rundir import THIS_CALL
 
 if TYPE_CHECKING:
     from curate.config import CurateConfig
@@ -21,4 +22,5 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
     rundir = context.rundir
     path = write_report(rundir, cfg.report, cfg.ingest.limits, cfg.dedup.threshold, cfg.dedup.eval_threshold,
                         steps=context.steps)
-    return {"html": str(path.relative_to(rundir.root)), "bytes": path.stat().st_size}
+    # The page shows when and how fast each step ran, so its size belongs to this call, not to the output's id.
+    return {"html": str(path.relative_to(rundir.root)), THIS_CALL: {"bytes": path.stat().st_size}}

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from curate.manifest import read_manifest
+from curate.rundir import THIS_CALL
 from curate.shard_plan import PARTS_DIR, finished_shard, image_extension, plan_all_shards, record_shard, sample_metadata
 from curate.shards import ShardWriter, shard_name
 from curate.sources import SampleReader
@@ -69,8 +70,8 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
         return None
     write_index(rundir.shards, infos, {"run": cfg.name, "max_count": cfg.shards.max_count,
                                     "max_bytes": cfg.shards.max_bytes})
-    return {"shards": len(infos), "samples": sum(i.count for i in infos), "written_now": written,
-            "bytes": sum(i.bytes for i in infos)}
+    return {"shards": len(infos), "samples": sum(i.count for i in infos), "bytes": sum(i.bytes for i in infos),
+            THIS_CALL: {"written_now": written}}
 
 
 def _remove_stale_temporaries(folder: Path, shard_file: str, numbers: set[int]) -> None:
