@@ -16,4 +16,7 @@ class LayerScale(nn.Module):
         nn.init.constant_(self.gamma, self.init_values)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+        # In the activation's dtype: under bf16 autocast an fp32 gamma would promote the branch, and with it the whole
+        # residual stream, to fp32 (mixed-dtype elementwise kernels, an fp32 index_add in efficient drop path). FSDP2's
+        # bf16 parameters and DINOv2 compute it in bf16 too; its gradient is reduced over tokens with fp32 accumulation.
+        return x * self.gamma.to(x.dtype)

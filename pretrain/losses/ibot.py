@@ -69,9 +69,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the paper's and DINOv2's name, p
     ) -> Tensor:
         """Sinkhorn-Knopp targets over the masked tokens of all ranks: [M, K] -> fp32 [M, K].
 
-        teacher_patch_logits must hold only valid (masked) tokens, no padding. n_masked_patches is the GLOBAL
-        count, already summed over ranks (DINOv2 passes the local count and all-reduces it in place); None counts
-        the rows with an all-reduce. See `sinkhorn_knopp`'s n_samples.
+        teacher_patch_logits must hold only valid (masked) tokens, no padding. n_masked_patches is DINOv2's GLOBAL
+        count, accepted for its signature; the targets do not depend on it (see `sinkhorn_knopp`'s n_samples).
         """
         return sinkhorn_knopp(teacher_patch_logits, teacher_temp, n_iterations=n_iterations, n_samples=n_masked_patches)
 

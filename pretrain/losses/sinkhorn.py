@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from dinoforge.collectives import all_reduce_sum
+from dinoforge.launch import is_distributed
 from pretrain.losses.collectives import global_logsumexp
+
+
+def _normalise_columns(log_q: Tensor) -> Tensor:
+    """log_q minus each column's log-sum-exp over the global batch (every prototype gets the same total mass)."""
+    if is_distributed():  # the column sums span all processes: every rank must call this
+        return log_q - global_logsumexp(log_q, dim=0)
+    # One fused kernel instead of logsumexp's amax, subtract, exp and sum passes and the subtraction after them.
+    return F.log_softmax(log_q, dim=0)
 
 
 @torch.no_grad()
@@ -25,10 +32,13 @@ def sinkhorn_knopp(
     distribution over the K prototypes (rows sum to 1).
 
     The reference exponentiates first and overflows as soon as logits / temp > 88 (a logit of 3.5 at temp 0.04).
-    Here every step is a log-sum-exp in fp32, so logits of any finite magnitude give finite targets, and the
-    result equals the exp-based algorithm wherever the latter does not overflow. The reference's first step
-    (dividing by the total sum) is a constant shift in log space that the next normalisation removes, so it is
-    skipped.
+    Here every step is a log-softmax in fp32, so logits of any finite magnitude give finite targets, and the
+    result equals the exp-based algorithm wherever the latter does not overflow. The marginals' constants 1/K and
+    1/B are left out: scaling the whole matrix by a constant is undone by the next normalisation, and the last one
+    (rows, times B) leaves rows summing to 1 whatever they were. So the reference's first step (dividing by the
+    total) and its row count are not needed, and the last row normalisation with the final exp is one softmax.
+    On a [5000, 65536] fp32 matrix (a ViT-S/14 step's masked patches) that is about 8 passes over the matrix per
+    iteration instead of 20 (tests/test_step_speed_sinkhorn.py holds the former formula).
 
     When torch.distributed is initialised, the per-prototype sums are reduced over all processes (so every rank
     must call this, possibly with zero rows) and the result on each rank equals its rows of the single-process
@@ -38,10 +48,8 @@ def sinkhorn_knopp(
         logits: [B, K] teacher head outputs for this process; any float dtype (upcast to fp32), no gradient.
         teacher_temp: sharpening temperature (> 0).
         n_iterations: Sinkhorn iterations (>= 1, so that rows sum to 1 exactly).
-        n_samples: the global number of rows B, if already known (e.g. the all-reduced count of masked patches for
-            iBOT); must be the same on every rank. None counts the rows with an all-reduce. With n_iterations >= 1
-            the final row normalisation makes the output independent of B up to rounding; B only sets the
-            intermediate marginals, as in the paper, so passing it merely saves one scalar all-reduce.
+        n_samples: the global number of rows B (DINOv2's argument, e.g. the all-reduced count of masked patches for
+            iBOT); checked to be positive when it is a number. The result does not depend on it (see above).
     """
     if logits.ndim != 2:
         raise ValueError(f"sinkhorn_knopp expects [batch, prototypes] logits, got shape {tuple(logits.shape)}")
@@ -54,21 +62,8 @@ def sinkhorn_knopp(
     if isinstance(n_samples, (int, float)) and n_samples <= 0:
         raise ValueError(f"sinkhorn_knopp: n_samples must be a positive global row count, got {n_samples}")
 
-    log_q = logits.detach().float() / teacher_temp
-    n_prototypes = log_q.shape[1]
-    if n_samples is None:
-        count = all_reduce_sum(torch.tensor(float(log_q.shape[0]), device=log_q.device))
-    else:
-        count = torch.as_tensor(n_samples, device=log_q.device).float()
-    log_b = torch.log(count)
-    log_k = math.log(n_prototypes)
-
-    for _ in range(n_iterations):
-        # Each prototype (column) gets total mass 1/K over the global batch.
-        log_q -= global_logsumexp(log_q, dim=0)
-        log_q -= log_k
-        # Each sample (row) gets mass 1/B; rows are local, so no communication.
-        log_q -= torch.logsumexp(log_q, dim=1, keepdim=True)
-        log_q -= log_b
-    log_q += log_b
-    return log_q.exp_()
+    # A copy in fp32 even for fp32 input: the in-place division must not touch the caller's logits.
+    log_q = logits.detach().to(torch.float32, copy=True).div_(teacher_temp)
+    for _ in range(n_iterations - 1):
+        log_q = F.log_softmax(_normalise_columns(log_q), dim=1)
+    return F.softmax(_normalise_columns(log_q), dim=1)
