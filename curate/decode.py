@@ -3,7 +3,8 @@
 The probe runs once per input at ingest. It reads the header first (format, size, mode) so that a decompression
 bomb is refused before any pixel is decoded, then decodes the whole image to catch truncated or corrupt data,
 which a header check alone does not see. What ingest adds to the decoder is only what it accepts (formats, modes,
-a smallest side); pixels come from `decode_image` under `DEFAULT_POLICY`, as in training and evaluation.
+a smallest side, a narrower choice of the decoder's formats and modes); pixels come from `decode_image` under
+`DEFAULT_POLICY`, as in training and evaluation.
 """
 
 from __future__ import annotations
@@ -15,29 +16,34 @@ from PIL import Image
 from dinoforge.data.decode import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_POLICY,
-    SIXTEEN_BIT_MODES,
     ImageDecodeError,
     check_decodable,
     decode_image,
+    format_problem,
+    mode_problem,
     open_image,
     pixel_limit_problem,
 )
-
-# PIL format names; GIF/TIFF decode their first frame.
-DEFAULT_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM"]
-# Modes that convert to RGB without losing meaning (16-bit greyscale is scaled to 8 bits by the decoder); 32-bit
-# integer and float modes ("I", "F") have no fixed range to scale from, so they are refused by default.
-DEFAULT_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT_MODES]
+from dinoforge.data.formats import DECODABLE_FORMATS, DECODABLE_MODES
 
 
 @dataclass
 class DecodeLimits:
-    """What ingest accepts as an image."""
+    """What ingest accepts as an image. Formats and modes default to every one that training and evaluation decode
+    (`dinoforge.data.formats`); a config may narrow them, never widen them: training would refuse the extra ones."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # width * height above this is treated as a decompression bomb
     min_side: int = 16  # thumbnails and tracking pixels carry no training signal
-    formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
-    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
+    formats: list[str] = field(default_factory=lambda: list(DECODABLE_FORMATS))
+    modes: list[str] = field(default_factory=lambda: list(DECODABLE_MODES))
+
+    def __post_init__(self) -> None:
+        for key, values, decodable in (("formats", self.formats, DECODABLE_FORMATS),
+                                       ("modes", self.modes, DECODABLE_MODES)):
+            extra = [v for v in values if v not in decodable]
+            if extra:
+                raise ValueError(f"ingest.limits.{key}: {', '.join(map(str, extra))} cannot be decoded by training "
+                                 f"and evaluation; choose among {', '.join(decodable)}")
 
 
 @dataclass(frozen=True)
@@ -90,14 +96,8 @@ def _read_header(data: bytes, limits: DecodeLimits) -> ImageProbe:
         return ImageProbe(reject_reason=err.reason)
     fmt, (width, height), mode = img.format, img.size, img.mode
     probe = ImageProbe(fmt, width, height, mode)
-    if fmt not in limits.formats:
-        reason = f"unsupported format {fmt} (accepted: {', '.join(limits.formats)})"
-    elif (too_big := pixel_limit_problem(width, height, limits.max_pixels)) is not None:
-        reason = too_big
-    elif min(width, height) < limits.min_side:
-        reason = f"too small: {width}x{height}, shortest side < {limits.min_side}"
-    elif mode not in limits.modes:
-        reason = f"unsupported mode {mode} (accepted: {', '.join(limits.modes)})"
-    else:
-        return probe
-    return replace(probe, reject_reason=reason)
+    too_small = min(width, height) < limits.min_side
+    reason = (format_problem(fmt, limits.formats) or pixel_limit_problem(width, height, limits.max_pixels)
+              or (f"too small: {width}x{height}, shortest side < {limits.min_side}" if too_small else None)
+              or mode_problem(mode, limits.modes))
+    return probe if reason is None else replace(probe, reject_reason=reason)

@@ -6,7 +6,9 @@ all decode through `decode_image` with `DEFAULT_POLICY`, so one file gives the s
   - alpha is composited onto white (converting straight to RGB exposes whatever colour hides under alpha=0);
   - 16-bit greyscale is scaled by 255/65535 (PIL's own conversion clips every value above 255 to white);
   - the pixel limit against decompression bombs is checked from the header, before any pixel is decompressed,
-    independently of PIL's process-wide `Image.MAX_IMAGE_PIXELS`.
+    independently of PIL's process-wide `Image.MAX_IMAGE_PIXELS`;
+  - only the formats and modes of `dinoforge.data.formats` are taken (what curation's ingest accepts by default),
+    a multi-frame file (GIF, TIFF, MPO) as its first frame.
 A stage that truly needs another behaviour passes another `DecodePolicy`, never a second decoder. This module is
 torch-free: curate's ingest workers import it.
 """
@@ -19,10 +21,11 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dinoforge.data.formats import DECODABLE_FORMATS, DECODABLE_MODES, JPEG_FORMATS, SIXTEEN_BIT_MODES
+
 # A 10,000 x 10,000 photo decodes to 300 MB of RGB; larger is almost always a bomb or a scan we do not want.
 DEFAULT_MAX_PIXELS = 100_000_000
 ALPHA_MODES = ("white", "drop")
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -34,6 +37,8 @@ class DecodePolicy:
     alpha: str = "white"  # "white": composite transparent pixels onto white; "drop": discard the alpha channel
     scale_sixteen_bit: bool = True  # 16-bit greyscale * 255/65535; False: PIL's conversion (clips above 255)
     max_pixels: int = DEFAULT_MAX_PIXELS  # width * height above this is refused as a possible decompression bomb
+    formats: tuple[str, ...] = DECODABLE_FORMATS  # PIL format names taken; others are refused
+    modes: tuple[str, ...] = DECODABLE_MODES  # PIL modes taken; others are refused
 
     def __post_init__(self) -> None:
         if self.alpha not in ALPHA_MODES:
@@ -68,13 +73,14 @@ def decode_image(data: bytes, policy: DecodePolicy = DEFAULT_POLICY, *, max_pixe
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid image size {width}x{height}")
-    problem = pixel_limit_problem(width, height, policy.max_pixels)
+    problem = (format_problem(image.format, policy.formats) or pixel_limit_problem(width, height, policy.max_pixels)
+               or mode_problem(image.mode, policy.modes))
     if problem is not None:
         raise ImageDecodeError(problem)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if draft_size and image.format == "JPEG":
+            if draft_size and image.format in JPEG_FORMATS:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
             return to_rgb(image, policy)
@@ -99,6 +105,16 @@ def open_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"not an image: {short_error(err)}") from None
 
 
+def format_problem(fmt: str | None, formats: tuple[str, ...] | list[str]) -> str | None:
+    """The rejection reason of a file of PIL format `fmt` when only `formats` are taken, or None."""
+    return None if fmt in formats else f"unsupported format {fmt} (accepted: {', '.join(formats)})"
+
+
+def mode_problem(mode: str, modes: tuple[str, ...] | list[str]) -> str | None:
+    """The rejection reason of an image of PIL mode `mode` when only `modes` are taken, or None."""
+    return None if mode in modes else f"unsupported mode {mode} (accepted: {', '.join(modes)})"
+
+
 def pixel_limit_problem(width: int, height: int, max_pixels: int) -> str | None:
     """The rejection reason of an image of this size under `max_pixels`, or None."""
     if width * height > max_pixels:
@@ -114,7 +130,7 @@ def check_decodable(data: bytes) -> None:
             with Image.open(io.BytesIO(data)) as img:
                 img.verify()  # structural checks (PNG chunk CRCs...) that load() skips
             with Image.open(io.BytesIO(data)) as img:
-                if img.format == "JPEG":
+                if img.format in JPEG_FORMATS:
                     # DCT-domain downscaling still entropy-decodes the whole stream (so truncation is caught) at a
                     # fraction of the cost of a full-resolution decode.
                     img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
