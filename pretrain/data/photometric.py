@@ -56,18 +56,34 @@ def blur_kernel_size(sigma_max: float) -> int:
 
 def apply_photometric(crops: torch.Tensor, params: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                       kernel_size: int) -> torch.Tensor:
-    """uint8 crops [N, 3, S, S] and their parameters [N, N_PARAMS] -> normalised float32 crops."""
+    """uint8 crops [N, 3, S, S] and their parameters [N, N_PARAMS] -> normalised float32 crops.
+
+    Which rows each operation touches is decided on the host from a CPU copy of `params`: parameters on the GPU
+    cost one host-device sync here (instead of one per operation and position), parameters left on the CPU none.
+    """
     if crops.shape[0] != params.shape[0]:
         raise ValueError(f"{crops.shape[0]} crops but {params.shape[0]} parameter rows")
     x = crops.float().div_(255)
-    params = params.to(device=x.device, dtype=torch.float32)
-    x = color_jitter(x, params)
-    x = torch.where(params[:, GRAYSCALE].bool().view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-    x = gaussian_blur(x, params[:, BLUR_SIGMA], kernel_size)
-    x = torch.where(params[:, SOLARIZE].bool().view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    plan = params.detach().to("cpu", torch.float32)
+    x = color_jitter(x, plan)
+    gray, solarize = (_on(plan[:, column].bool().view(-1, 1, 1, 1), x.device) for column in (GRAYSCALE, SOLARIZE))
+    x = torch.where(gray, grayscale(x).expand_as(x), x)
+    x = gaussian_blur(x, plan[:, BLUR_SIGMA], kernel_size)
+    x = torch.where(solarize & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
+    mean_t, std_t = (_on(torch.tensor(v).view(1, -1, 1, 1), x.device) for v in (mean, std))
     return (x - mean_t) / std_t
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device` without a sync: torch.tensor(..., device=cuda) copies and then waits for the
+    stream, a non-blocking copy from pageable memory is staged at once and waits for nothing."""
+    return tensor.to(device, non_blocking=True)
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Indices (on `device`) of the True rows of a mask, found where the mask is (a sync if that is a GPU)."""
+    rows = mask.nonzero().flatten()
+    return _on(rows, device) if rows.numel() else None
 
 
 def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -78,9 +94,10 @@ def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     columns = (BRIGHTNESS, CONTRAST, SATURATION, HUE)
     for position in range(4):
         for op in range(4):
-            rows = (jittered & (order[:, position] == op)).nonzero().flatten()
-            if rows.numel():
-                x = x.index_copy(0, rows, adjust[op](x[rows], params[rows, columns[op]]))
+            selected = jittered & (order[:, position] == op)
+            rows = _rows(selected, x.device)
+            if rows is not None:
+                x = x.index_copy(0, rows, adjust[op](x[rows], _on(params[selected, columns[op]], x.device)))
     return x
 
 
@@ -90,7 +107,7 @@ def _per_row(factor: torch.Tensor) -> torch.Tensor:
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma [N, 1, H, W] of RGB in [0, 1]."""
-    weights = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    weights = _on(torch.tensor(GRAY_WEIGHTS, dtype=x.dtype).view(1, 3, 1, 1), x.device)
     return (x * weights).sum(1, keepdim=True)
 
 
@@ -135,25 +152,27 @@ def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """RGB [N, 3, H, W] of HSV, by the closed form c_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=hue.device).view(1, 3, 1, 1)
+    n = _on(torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1), hue.device)
     k = torch.remainder(n + 6 * hue.unsqueeze(1), 6)
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
     return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * ramp
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding of the rows whose sigma is > 0, each with its own sigma."""
-    rows = (sigma > 0).nonzero().flatten()
-    if not rows.numel():
+    """Separable Gaussian blur with reflect padding of the rows whose sigma is > 0, each with its own sigma (sigma on
+    the CPU decides the rows without a host-device sync)."""
+    rows = _rows(sigma > 0, x.device)
+    if rows is None:
         return x
-    n, channels, height, width = x[rows].shape
+    picked = x[rows]
+    n, channels, height, width = picked.shape
     half = (kernel_size - 1) / 2
     taps = torch.linspace(-half, half, kernel_size, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma[rows].view(-1, 1)) ** 2)
+    kernel = torch.exp(-0.5 * (taps / _on(sigma[sigma > 0], x.device).view(-1, 1)) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [n * channels, k]
     pad = kernel_size // 2
     # one group per (crop, channel) so every crop gets its own kernel in one convolution
-    blurred = F.pad(x[rows].reshape(1, n * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    blurred = F.pad(picked.reshape(1, n * channels, height, width), (pad, pad, pad, pad), mode="reflect")
     blurred = F.conv2d(blurred, kernel.view(-1, 1, 1, kernel_size), groups=n * channels)
     blurred = F.conv2d(blurred, kernel.view(-1, 1, kernel_size, 1), groups=n * channels)
     return x.index_copy(0, rows, blurred.view(n, channels, height, width))
