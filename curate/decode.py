@@ -34,10 +34,16 @@ class DecodeLimits:
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # width * height above this is treated as a decompression bomb
     min_side: int = 16  # thumbnails and tracking pixels carry no training signal
+    # Longest side / shortest side above this is refused: a 20000x20 strip yields only degenerate crops (a random
+    # resized crop of it is a smear, its resize to a square a blur). Ingest only, like min_side: training takes any.
+    max_aspect: float = 10.0
     formats: list[str] = field(default_factory=lambda: list(DECODABLE_FORMATS))
     modes: list[str] = field(default_factory=lambda: list(DECODABLE_MODES))
 
     def __post_init__(self) -> None:
+        for key in ("max_pixels", "min_side", "max_aspect"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"ingest.limits.{key}={getattr(self, key)}: must be >= 1")
         for key, values, decodable in (("formats", self.formats, DECODABLE_FORMATS),
                                        ("modes", self.modes, DECODABLE_MODES)):
             extra = [v for v in values if v not in decodable]
@@ -89,9 +95,17 @@ def decode_rgb(data: bytes, limits: DecodeLimits) -> Image.Image:
         raise ImageRejected(err.reason) from err
 
 
+def aspect_problem(width: int, height: int, max_aspect: float) -> str | None:
+    """The rejection reason of a `width` x `height` image under `max_aspect` (longest side / shortest), or None."""
+    aspect = max(width, height) / min(width, height)
+    if aspect > max_aspect:
+        return f"too elongated: {width}x{height}, aspect ratio {aspect:.3g} > max_aspect {max_aspect:g}"
+    return None
+
+
 def _read_header(data: bytes, limits: DecodeLimits) -> ImageProbe:
     try:
-        img = open_image(data)
+        img = open_image(data, limits.max_pixels)
     except ImageDecodeError as err:
         return ImageProbe(reject_reason=err.reason)
     fmt, (width, height), mode = img.format, img.size, img.mode
@@ -99,5 +113,6 @@ def _read_header(data: bytes, limits: DecodeLimits) -> ImageProbe:
     too_small = min(width, height) < limits.min_side
     reason = (format_problem(fmt, limits.formats) or pixel_limit_problem(width, height, limits.max_pixels)
               or (f"too small: {width}x{height}, shortest side < {limits.min_side}" if too_small else None)
+              or aspect_problem(width, height, limits.max_aspect)
               or mode_problem(mode, limits.modes))
     return probe if reason is None else replace(probe, reject_reason=reason)

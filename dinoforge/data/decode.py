@@ -5,8 +5,8 @@ all decode through `decode_image` with `DEFAULT_POLICY`, so one file gives the s
   - EXIF orientation is applied: phones store photos unrotated and tag them, and every viewer shows them upright;
   - alpha is composited onto white (converting straight to RGB exposes whatever colour hides under alpha=0);
   - 16-bit greyscale is scaled by 255/65535 (PIL's own conversion clips every value above 255 to white);
-  - the pixel limit against decompression bombs is checked from the header, before any pixel is decompressed,
-    independently of PIL's process-wide `Image.MAX_IMAGE_PIXELS`;
+  - the pixel limit against decompression bombs is checked from the header, before any pixel is decompressed; it is
+    the one limit: PIL's own process-wide one (`Image.MAX_IMAGE_PIXELS`) is raised to it when it is lower;
   - only the formats and modes of `dinoforge.data.formats` are taken (what curation's ingest accepts by default),
     a multi-frame file (GIF, TIFF, MPO) as its first frame.
 A stage that truly needs another behaviour passes another `DecodePolicy`, never a second decoder. This module is
@@ -16,6 +16,7 @@ torch-free: curate's ingest workers import it.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass, replace
 
@@ -27,6 +28,7 @@ from dinoforge.data.formats import DECODABLE_FORMATS, DECODABLE_MODES, JPEG_FORM
 DEFAULT_MAX_PIXELS = 100_000_000
 ALPHA_MODES = ("white", "drop")
 _EXIF_ORIENTATION = 0x0112
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def decode_image(data: bytes, policy: DecodePolicy = DEFAULT_POLICY, *, max_pixe
     """
     if max_pixels is not None:
         policy = replace(policy, max_pixels=max_pixels)
-    image = open_image(data)
+    image = open_image(data, policy.max_pixels)
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid image size {width}x{height}")
@@ -88,10 +90,14 @@ def decode_image(data: bytes, policy: DecodePolicy = DEFAULT_POLICY, *, max_pixe
         raise ImageDecodeError(f"truncated or corrupt image data: {short_error(err)}") from None
 
 
-def open_image(data: bytes) -> Image.Image:
-    """The lazily opened image (header read, no pixel decoded); `ImageDecodeError` when it is not an image."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The lazily opened image (header read, no pixel decoded); `ImageDecodeError` when it is not an image.
+
+    Images up to `max_pixels` open whatever PIL's own limit; the caller checks `max_pixels` (`pixel_limit_problem`).
+    """
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
+    raise_pil_limit(max_pixels)
     try:
         with warnings.catch_warnings():
             # PIL warns (DecompressionBombWarning) between its limit and twice it; our own check decides.
@@ -122,8 +128,20 @@ def pixel_limit_problem(width: int, height: int, max_pixels: int) -> str | None:
     return None
 
 
+def raise_pil_limit(max_pixels: int) -> None:
+    """Let PIL open images of up to `max_pixels`: it refuses on its own any above 2 * `Image.MAX_IMAGE_PIXELS` (179M
+    pixels by default), which would make a configured limit above that a silent second one. Only ever raised (under
+    a lock, so concurrent decoders with different limits keep the largest), never lowered or removed; safe because
+    every caller checks its own limit from the header before any pixel is decompressed."""
+    with _PIL_LIMIT_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and 2 * current < max_pixels:
+            Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+
+
 def check_decodable(data: bytes) -> None:
-    """Decode every byte of the image, raising `ImageDecodeError` on truncated or corrupt data (ingest's check)."""
+    """Decode every byte of the image, raising `ImageDecodeError` on truncated or corrupt data (ingest's check, after
+    `open_image` and the header checks)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
