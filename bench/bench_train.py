@@ -11,9 +11,13 @@ same rounds; on CUDA the variants are built and timed one after the other (two V
 other), each freed before the next, MFU against the data-sheet peak of the GPU and against a measured 8192x8192
 matmul of the compute dtype. A step is zero_grad, forward, backward, gradient clipping, optimizer step and teacher
 EMA (the trainer's step); model FLOPs exclude recomputation by activation checkpointing (the MFU convention). Prints
-one JSON object. Examples:
+one JSON object. With `--profile DIR` each variant's step is also profiled after its timing (bench/step_profile.py:
+named phases, top kernels, host-device syncs, device idle gaps; our step then includes the batched photometric ops
+on uint8 crops of the recipe's sizes, as the trainer runs them): DIR gets a gzipped chrome trace per model and
+variant, profile.json and profile.md, and the JSON a `profile` entry per variant. Examples:
     python bench/bench_train.py --models cpu_tiny vits14 --rounds 3
     python bench/bench_train.py --device cuda --recipe --models vits14 vitl14 vitg14 --variants ours fsdp timm
+    python bench/bench_train.py --device cuda --recipe --models vits14 --variants ours timm --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import platform
@@ -42,19 +47,31 @@ from dinoforge.models.config import build_backbone
 from dinoforge.models.ffn import swiglu_hidden_features
 from dinoforge.precision import autocast
 from pretrain.data.masking import MaskingGenerator
-from pretrain.distributed import apply_activation_checkpointing, apply_fsdp, ema_update
+from pretrain.data.multicrop import apply_batch_photometric
+from pretrain.data.photometric import draw_photometric
+from pretrain.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, ema_update
 from pretrain.losses import masks_weight_from_masks
 from pretrain.meta_arch import SSLMetaArch
 from pretrain.optim import build_optimizer, clip_grad_norm
 from pretrain.throughput import datasheet_peak, measure_matmul_peak
-from pretrain.train import flops_per_step
 from pretrain.train_config import TrainConfig
+
+try:  # the trainer's refactor into learners moves it out of train.py; the bench runs on either tree
+    from pretrain.ssl_learner import flops_per_step
+except ImportError:
+    from pretrain.train import flops_per_step
+try:  # run as a script, bench/ is on sys.path; imported by the tests, bench is a namespace package
+    from step_profile import PhaseTimer, markdown, profile_step
+except ImportError:
+    from bench.step_profile import PhaseTimer, markdown, profile_step
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 VARIANTS = {  # name on the command line -> key in the JSON
     "ours": "ours",
     "plain": "no_packing_no_efficient_drop_path",
     "fsdp": "ours_fsdp2",
+    "fsdp_keep": "ours_fsdp2_no_reshard",  # FSDP2 keeping gathered parameters from forward to backward
+    "compiled": "ours_compiled",  # torch.compile of every block, as `compile=true` in the trainer
     "timm": "timm_forward_backward",
 }
 TIMM_NAMES = {"vit_tiny": "vit_small_patch14_dinov2", "vit_small": "vit_small_patch14_dinov2",
@@ -142,9 +159,10 @@ def single_process_group(device: torch.device) -> DistributedEnv:
     return DistributedEnv(0, 1, 0, device, backend)
 
 
-def build_meta(cfg: TrainConfig, device: torch.device, env: DistributedEnv | None = None) -> SSLMetaArch:
-    """Student and teacher as the trainer builds them: checkpointing, then FSDP2 when `env` is given. Built on
-    `device` directly: initialising ViT-g on the CPU takes longer than the whole benchmark."""
+def build_meta(cfg: TrainConfig, device: torch.device, env: DistributedEnv | None = None,
+               reshard_after_forward: bool = True) -> SSLMetaArch:
+    """Student and teacher as the trainer builds them: checkpointing, compile (`cfg.compile`), then FSDP2 when `env`
+    is given. Built on `device` directly: initialising ViT-g on the CPU takes longer than the whole benchmark."""
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         meta = SSLMetaArch(cfg.model, cfg.loss)
@@ -153,28 +171,73 @@ def build_meta(cfg: TrainConfig, device: torch.device, env: DistributedEnv | Non
         blocks = side["backbone"].blocks
         if cfg.activation_checkpointing and side is meta.student:
             apply_activation_checkpointing(blocks)
+        if cfg.compile:
+            apply_compile(blocks)
         if env is not None:
-            apply_fsdp(side, blocks, env, param_dtype=cfg.precision, force=True)
+            apply_fsdp(side, blocks, env, param_dtype=cfg.precision, reshard_after_forward=reshard_after_forward,
+                       force=True)
     return meta
 
 
-def ssl_step(cfg: TrainConfig, batch: dict, device: torch.device,
-             env: DistributedEnv | None = None) -> tuple[Step, float]:
+def time_phases(meta: SSLMetaArch, timer: PhaseTimer) -> None:
+    """Name the parts of the forward pass that the profile reports: backbones, heads, teacher targets, losses."""
+    for side_name, side in (("teacher", meta.teacher), ("student", meta.student)):
+        for name, module in side.items():
+            timer.wrap(module, "forward", f"{side_name}_{name}")
+    for loss_name, loss in (("dino", meta.dino_loss), ("ibot", meta.ibot_patch_loss)):
+        timer.wrap(loss, "sinkhorn_knopp_teacher", f"{loss_name}_sinkhorn_knopp")
+        timer.wrap(loss, "softmax_center_teacher", f"{loss_name}_centering")
+    timer.wrap(meta.dino_loss, "forward", "dino_loss")
+    timer.wrap(meta.ibot_patch_loss, "forward_masked", "ibot_loss")
+    timer.wrap(meta.koleo_loss, "forward", "koleo_loss")
+
+
+def ssl_step(cfg: TrainConfig, batch: dict, device: torch.device, env: DistributedEnv | None = None,
+             timer: PhaseTimer | None = None, reshard_after_forward: bool = True) -> tuple[Step, float]:
     """Our training step; unsharded under bf16 autocast when `cfg.precision` is bf16, or sharded over `env`
-    (FSDP2's MixedPrecisionPolicy then sets the compute dtype)."""
-    meta = build_meta(cfg, device, env)
+    (FSDP2's MixedPrecisionPolicy then sets the compute dtype). `timer` names its phases for a profile."""
+    meta = build_meta(cfg, device, env, reshard_after_forward)
     optimizer = build_optimizer(meta.student, cfg.optim, depth=len(meta.student["backbone"].blocks))
+    phase = timer or PhaseTimer(device)
+    if timer is not None:
+        time_phases(meta, timer)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if env is not None else autocast(device, cfg.precision):
+        with phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        with phase("forward"), contextlib.nullcontext() if env is not None else autocast(device, cfg.precision):
             loss, _ = meta.compute_losses(batch, 0.07)
-        loss.backward()
-        clip_grad_norm(meta.student, cfg.optim.clip_grad, cfg.optim.clip_per_module)
-        optimizer.step()
-        ema_update(meta.teacher, meta.student, 0.994)
+        with phase("backward"):
+            loss.backward()
+        with phase("clip_grad"):
+            clip_grad_norm(meta.student, cfg.optim.clip_grad, cfg.optim.clip_per_module)
+        with phase("optimizer"):
+            optimizer.step()
+        with phase("ema"):
+            ema_update(meta.teacher, meta.student, 0.994)
 
     return step, flops_per_step(meta, batch)
+
+
+def photometric_step(cfg: TrainConfig, images: int, device: torch.device, timer: PhaseTimer) -> Step:
+    """The trainer's batched photometric ops on uint8 crops of the recipe's sizes, their parameters drawn as the
+    data workers draw them (left on the device, as the trainer's batch has them)."""
+    crops = cfg.data.multicrop
+    generator = torch.Generator().manual_seed(0)
+    draw = functools.partial(draw_photometric, sigma=tuple(crops.blur_sigma), jitter_p=crops.color_jitter_p,
+                             hue_max=crops.color_jitter_hue, grayscale_p=crops.grayscale_p)
+    batch = {}
+    for name, count, size in (("global", 2 * images, crops.global_crops_size),
+                              ("local", crops.local_crops_number * images, crops.local_crops_size)):
+        batch[f"{name}_crops"] = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
+                                               generator=generator).to(device)
+        batch[f"{name}_photometric"] = torch.stack([draw(0.5, solarize=i % 2 == 1) for i in range(count)]).to(device)
+
+    def step():
+        with timer("photometric"):
+            apply_batch_photometric(batch, crops)
+
+    return step
 
 
 def timm_model(cfg: TrainConfig, drop_path: bool = True) -> nn.Module:
@@ -215,7 +278,8 @@ def timm_step_flops(cfg: TrainConfig, crops: list[tuple[int, ...]]) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def timm_step(cfg: TrainConfig, batch: dict, device: torch.device) -> tuple[Step, float]:
+def timm_step(cfg: TrainConfig, batch: dict, device: torch.device,
+              timer: PhaseTimer | None = None) -> tuple[Step, float]:
     """timm's DINOv2 ViT: forward + backward of every crop batch (no teacher, no heads), same precision and
     activation checkpointing as the recipe."""
     torch.manual_seed(0)
@@ -225,13 +289,16 @@ def timm_step(cfg: TrainConfig, batch: dict, device: torch.device) -> tuple[Step
     model.set_grad_checkpointing(cfg.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     crops = [batch["global_crops"], batch["local_crops"]]
+    phase = timer or PhaseTimer(device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, cfg.precision):
+        with phase("forward"), autocast(device, cfg.precision):
             loss = sum(model(c).float().square().mean() for c in crops)
-        loss.backward()
-        optimizer.step()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
 
     return step, timm_step_flops(cfg, [tuple(c.shape) for c in crops])
 
@@ -259,23 +326,46 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def build_variant(variant: str, cfg: TrainConfig, batch: dict, device: torch.device) -> tuple[Step, float]:
-    """(step, model FLOPs per step) of one variant; the process group of FSDP2 is created on first use."""
-    if variant == "ours":
-        return ssl_step(cfg, batch, device)
-    if variant == "plain":
-        model = dataclasses.replace(cfg.model, sequence_packing=False, efficient_drop_path=False)
-        return ssl_step(dataclasses.replace(cfg, model=model), batch, device)
-    if variant == "fsdp":
-        return ssl_step(cfg, batch, device, single_process_group(device))
+def build_variant(variant: str, cfg: TrainConfig, batch: dict, device: torch.device,
+                  timer: PhaseTimer | None = None) -> tuple[Step, float]:
+    """(step, model FLOPs per step) of one variant; the process group of FSDP2 is created on first use. With a
+    `timer` the step's phases are named for a profile, and ours runs the photometric ops first."""
     if variant == "timm":
-        return timm_step(cfg, batch, device)
-    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+        return timm_step(cfg, batch, device, timer)
+    if variant == "ours":
+        step, flops = ssl_step(cfg, batch, device, timer=timer)
+    elif variant == "plain":
+        model = dataclasses.replace(cfg.model, sequence_packing=False, efficient_drop_path=False)
+        step, flops = ssl_step(dataclasses.replace(cfg, model=model), batch, device, timer=timer)
+    elif variant in ("fsdp", "fsdp_keep"):
+        step, flops = ssl_step(cfg, batch, device, single_process_group(device), timer,
+                               reshard_after_forward=variant == "fsdp")
+    elif variant == "compiled":
+        step, flops = ssl_step(dataclasses.replace(cfg, compile=True), batch, device, timer=timer)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+    if timer is None:
+        return step, flops
+    photometric = photometric_step(cfg, batch["global_crops"].shape[0] // 2, device, timer)
+
+    def with_photometric():
+        photometric()
+        step()
+
+    return with_photometric, flops
+
+
+def profile_variant(variant: str, name: str, cfg: TrainConfig, batch: dict, device: torch.device, out_dir: Path,
+                    steps: int) -> dict:
+    """A profile of one variant's step (built afresh with its phases named), with its trace in `out_dir`."""
+    timer = PhaseTimer(device)
+    step, _ = build_variant(variant, cfg, batch, device, timer)
+    return profile_step(step, timer, device, out_dir / f"{name}.{variant}.trace.json.gz", steps=steps)
 
 
 def bench_model(name: str, images: int, rounds: int, device: torch.device, variants: list[str],
                 recipe: bool = False, precision: str | None = None, overrides: list[str] | None = None,
-                interleaved: bool = True) -> dict:
+                interleaved: bool = True, profile_dir: Path | None = None, profile_steps: int = 3) -> dict:
     cfg = bench_config(name, recipe, precision, overrides or [])
     images = images or (cfg.data.batch_size_per_rank if recipe else 64 if name == "cpu_tiny" else 4)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -302,6 +392,7 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
         steps["matmul"]()
         seconds = interleaved_min_seconds(steps, rounds, warmup=False)
         matmul = matmul_flops / seconds.pop("matmul")
+        steps.clear()
     else:
         matmul = measure_matmul_peak(device, dtype, size=8192 if device.type == "cuda" else 2048)
         for variant in variants:
@@ -318,6 +409,13 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
                 flops.pop(variant, None)
             step = None  # frees the variant's models and optimizer before the next one is built
             _free(device)
+    profiles = {}
+    for variant in seconds if profile_dir is not None else ():
+        try:  # after the timing, one variant alive at a time: a profile never costs a variant its number
+            profiles[variant] = profile_variant(variant, name, cfg, batch, device, profile_dir, profile_steps)
+        except Exception as e:
+            profiles[variant] = {"error": _error_text(e)}
+        _free(device)
     peak = datasheet or matmul
 
     for variant, step_s in seconds.items():
@@ -327,6 +425,7 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
             "mfu_vs_datasheet": tflops * 1e12 / datasheet if datasheet else None,
             "mfu_vs_matmul": tflops * 1e12 / matmul,
             **({"peak_memory_gib": memory[variant]} if variant in memory else {}),
+            **({"profile": profiles[variant]} if variant in profiles else {}),
         }
     out = {
         "images_per_step": images,
@@ -347,7 +446,22 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
         out["mfu_ratio_vs_timm"] = (flops["ours"] / seconds["ours"]) / (flops["timm"] / seconds["timm"])
     if {"ours", "fsdp"} <= ok:
         out["fsdp2_speed_vs_autocast"] = seconds["ours"] / seconds["fsdp"]
+    if {"ours", "fsdp_keep"} <= ok:
+        out["fsdp2_no_reshard_speed_vs_autocast"] = seconds["ours"] / seconds["fsdp_keep"]
+    if {"ours", "compiled"} <= ok:
+        out["compiled_speedup"] = seconds["ours"] / seconds["compiled"]
     return out
+
+
+def write_profiles(results: dict, out_dir: Path) -> None:
+    """profile.json (every model's and variant's profile) and profile.md (their tables) in `out_dir`."""
+    found = {f"{model} {VARIANTS[v]}": entry["profile"] for model, section in results.items()
+             for v in VARIANTS if isinstance(entry := section.get(VARIANTS[v]), dict) and "profile" in entry}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile.json").write_text(json.dumps(found, indent=2) + "\n")
+    text = "\n".join(markdown(title, report) if "error" not in report else f"### {title}\n\n{report['error']}\n"
+                     for title, report in found.items())
+    (out_dir / "profile.md").write_text(text)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -375,13 +489,17 @@ def main() -> None:
     parser.add_argument("--timing", choices=["auto", "interleaved", "sequential"], default="auto",
                         help="auto: interleaved rounds on CPU, one variant after the other on CUDA")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON object to this file")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also profile each variant's step (traces, profile.json, profile.md in DIR)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps in each profile, after one warm-up")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every model")
     args = parser.parse_args()
     device = resolve_device(args.device)
     interleaved = args.timing == "interleaved" or (args.timing == "auto" and device.type == "cpu")
     try:
         results = {name: bench_model(name, args.images, args.rounds, device, args.variants, args.recipe,
-                                     args.precision, args.overrides, interleaved) for name in args.models}
+                                     args.precision, args.overrides, interleaved, args.profile, args.profile_steps)
+                   for name in args.models}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -390,6 +508,8 @@ def main() -> None:
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "timing": "interleaved" if interleaved else "sequential",
               "rounds": args.rounds, "results": results}
+    if args.profile is not None:
+        write_profiles(results, args.profile)
     text = json.dumps(report, indent=2)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
