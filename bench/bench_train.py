@@ -167,15 +167,14 @@ def build_meta(cfg: TrainConfig, device: torch.device, env: DistributedEnv | Non
     with torch.device(device):
         meta = SSLMetaArch(cfg.model, cfg.loss)
     meta.train()
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(meta.student["backbone"].blocks)
     for side in (meta.student, meta.teacher):
-        blocks = side["backbone"].blocks
-        if cfg.activation_checkpointing and side is meta.student:
-            apply_activation_checkpointing(blocks)
         if cfg.compile:
-            apply_compile(blocks)
+            apply_compile(side["backbone"].blocks)
         if env is not None:
-            apply_fsdp(side, blocks, env, param_dtype=cfg.precision, reshard_after_forward=reshard_after_forward,
-                       force=True)
+            apply_fsdp(side, side["backbone"].blocks, env, param_dtype=cfg.precision,
+                       reshard_after_forward=reshard_after_forward, force=True)
     return meta
 
 
