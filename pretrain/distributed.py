@@ -139,6 +139,18 @@ def apply_compile(blocks: Iterable[nn.Module], **compile_kwargs) -> None:
     logger.info("torch.compile on %d blocks %s", count, compile_kwargs or "")
 
 
+def parallelize(model: nn.Module, env: DistributedEnv, precision: str, activation_checkpointing: bool = False,
+                compile: bool = False) -> nn.Module:
+    """Apply the run's parallelism to `model` (a ModuleDict holding a `backbone`, and maybe heads), in torchtitan's
+    order: activation checkpointing of the blocks -> per-block compile -> FSDP2. Returns `model`, changed in place."""
+    blocks = model["backbone"].blocks
+    if activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if compile:
+        apply_compile(blocks)
+    return apply_fsdp(model, blocks, env, param_dtype=precision)
+
+
 # -- teacher EMA ----------------------------------------------------------------------------------------------------
 
 

@@ -8,9 +8,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from torch import nn
+
 from dinoforge.collectives import barrier
 from dinoforge.launch import DistributedEnv
 from dinoforge.models import save_safetensors
+from dinoforge.models.config import ModelConfig
 from dinoforge.models.export_reader import BACKBONE_FILE, HEADS_FILE, MODEL_CONFIG_FILE
 from pretrain.checkpoint import export_full_state_dict
 from pretrain.meta_arch import SSLMetaArch
@@ -18,21 +21,26 @@ from pretrain.meta_arch import SSLMetaArch
 logger = logging.getLogger(__name__)
 
 
-
 def export_teacher(meta: SSLMetaArch, out_dir: str | Path, env: DistributedEnv) -> Path:
     """Write the teacher's backbone (official keys) and heads, consolidated on rank 0; every rank must call it."""
+    return export_model(meta.teacher, meta.model_cfg, out_dir, env)
+
+
+def export_model(model: nn.Module, model_cfg: ModelConfig, out_dir: str | Path, env: DistributedEnv) -> Path:
+    """Write `model` (a ModuleDict of `backbone` and its heads, if any) as an export folder: the backbone in the
+    official key layout, the heads beside it, and `model.json`. Every rank must call it (it gathers FSDP2 shards)."""
     out_dir = Path(out_dir)
-    full = export_full_state_dict(meta.teacher)  # collective: all ranks gather, rank 0 keeps the result
+    full = export_full_state_dict(model)  # collective: all ranks gather, rank 0 keeps the result
     if env.is_main:
         backbone = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
         heads = {k: v for k, v in full.items() if not k.startswith("backbone.")}
-        model_cfg = asdict(meta.model_cfg)
-        metadata = {"format": "dinoforge-teacher", "model": json.dumps(model_cfg)}
+        model_json = asdict(model_cfg)
+        metadata = {"format": "dinoforge-teacher", "model": json.dumps(model_json)}
         save_safetensors(backbone, out_dir / BACKBONE_FILE, metadata=metadata)
-        save_safetensors(heads, out_dir / HEADS_FILE, metadata=metadata)
-        (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2) + "\n")
-        logger.info("exported the teacher to %s (%d backbone tensors, %d head tensors)", out_dir, len(backbone),
-                    len(heads))
+        if heads:
+            save_safetensors(heads, out_dir / HEADS_FILE, metadata=metadata)
+        (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_json, indent=2) + "\n")
+        logger.info("exported %s (%d backbone tensors, %d head tensors)", out_dir, len(backbone), len(heads))
     barrier()
     return out_dir / BACKBONE_FILE
 

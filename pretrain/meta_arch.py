@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from dinoforge.models.config import ModelConfig, build_backbone
 from dinoforge.models.heads import DINOHead
 from pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from pretrain.losses.terms import StepOutputs, build_terms
+from pretrain.losses.terms import StepOutputs, build_terms, weighted_total
 
 
 @dataclass
@@ -63,11 +63,20 @@ def _head(in_dim: int, cfg: HeadConfig) -> DINOHead:
                     bottleneck_dim=cfg.bottleneck_dim)
 
 
-def _entropy(probs: Tensor) -> tuple[Tensor, Tensor]:
+def target_entropies(probs: Tensor) -> tuple[Tensor, Tensor]:
     """Mean per-row entropy and entropy of the mean row (both near 0 or log K signal collapse)."""
     row = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
     mean = probs.mean(0)
     return row, -(mean * mean.clamp_min(1e-12).log()).sum()
+
+
+def head_logits(side: nn.ModuleDict, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+    """DINO logits of `cls` and iBOT logits of `patches` from a model's heads (`ibot_head` when it has its own);
+    one head pass when the head is shared."""
+    if "ibot_head" in side:
+        return side["dino_head"](cls), side["ibot_head"](patches)
+    logits = side["dino_head"](torch.cat([cls, patches]))
+    return logits[: cls.shape[0]], logits[cls.shape[0] :]
 
 
 class SSLMetaArch(nn.Module):
@@ -103,13 +112,6 @@ class SSLMetaArch(nn.Module):
     def ibot_head_name(self) -> str:
         return "ibot_head" if self.loss_cfg.ibot_separate_head else "dino_head"
 
-    def _heads(self, side: nn.ModuleDict, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
-        """DINO logits of `cls` and iBOT logits of `patches`; one head pass when the head is shared."""
-        if self.loss_cfg.ibot_separate_head:
-            return side["dino_head"](cls), side["ibot_head"](patches)
-        logits = side["dino_head"](torch.cat([cls, patches]))
-        return logits[: cls.shape[0]], logits[cls.shape[0] :]
-
     def _backbone(self, backbone: nn.Module, crops: list[Tensor], masks: list[Tensor | None]) -> list[dict]:
         if self.model_cfg.sequence_packing:
             return backbone(crops, masks=masks, is_training=True)
@@ -120,7 +122,7 @@ class SSLMetaArch(nn.Module):
         """Centered teacher distributions for the global crops' CLS tokens and the masked patch tokens."""
         out = self.teacher["backbone"](batch["global_crops"], is_training=True)
         masked = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-        cls_logits, patch_logits = self._heads(self.teacher, out["x_norm_clstoken"], masked)
+        cls_logits, patch_logits = head_logits(self.teacher, out["x_norm_clstoken"], masked)
         if self.loss_cfg.centering == "sinkhorn_knopp":
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
@@ -139,18 +141,8 @@ class SSLMetaArch(nn.Module):
         local term, averaged over all pairs.
         """
         outputs = self.forward_outputs(batch, teacher_temp)
-        terms: dict[str, Tensor] = {}
-        total = outputs.student_patch_logits.new_zeros((), dtype=torch.float32)
-        for term in self.loss_terms:
-            result = term(outputs, batch, teacher_temp)
-            if result is None:
-                continue
-            loss, extra = result
-            terms[term.name] = loss
-            total = total + term.weight * loss
-            terms.update(extra)
-        stats = {k: v.detach() for k, v in terms.items()}
-        stats["teacher_entropy"], stats["teacher_mean_entropy"] = _entropy(torch.cat(outputs.teacher_cls))
+        total, stats = weighted_total(self.loss_terms, outputs, batch, teacher_temp)
+        stats["teacher_entropy"], stats["teacher_mean_entropy"] = target_entropies(torch.cat(outputs.teacher_cls))
         return total, stats
 
     def forward_outputs(self, batch: dict, teacher_temp: float) -> StepOutputs:
@@ -163,7 +155,7 @@ class SSLMetaArch(nn.Module):
             self.student["backbone"], [batch["global_crops"], batch["local_crops"]], [batch["masks"], None])
         student_cls = torch.cat([global_out["x_norm_clstoken"], local_out["x_norm_clstoken"]])
         masked = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-        cls_logits, patch_logits = self._heads(self.student, student_cls, masked)
+        cls_logits, patch_logits = head_logits(self.student, student_cls, masked)
         n_local = local_out["x_norm_clstoken"].shape[0] // teacher_cls[0].shape[0]
         return StepOutputs(
             n_global_crops=n_global, student_global=global_out, student_local=local_out,

@@ -17,7 +17,7 @@ from dinoforge.data.datasets import build_source
 from dinoforge.data.errors import DatasetError
 from dinoforge.data.shard_index import index_path, read_index
 from pretrain.optim import OptimConfig
-from pretrain.train_config import TrainConfig
+from pretrain.train_config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def dataset_size(spec: str, streaming: bool) -> int:
     return len(build_source(spec, labels_required=False))
 
 
-def resolve_epochs(cfg: TrainConfig, world_size: int) -> TrainConfig:
+def resolve_epochs(cfg: RunConfig, world_size: int) -> RunConfig:
     """`cfg` with `epochs` (capped at `max_epoch_images` images) turned into `total_steps`, its schedule stretched
     alike, and `epochs` set to 0; unchanged when `epochs` is 0. The returned config is what the run saves and resumes
     with."""

@@ -1,4 +1,8 @@
-"""`python -m pretrain train CONFIG`: the SSL training loop, wiring components and holding no maths.
+"""The training loop of `python -m pretrain train` and `distill`: it wires components and holds no maths.
+
+What it steps comes from the run's `RunModels` (`pretrain.learner`): pretraining's student and its EMA teacher, or
+distillation's students against one frozen teacher; each learner has its own optimizer, schedules, checkpoints,
+metrics and export.
 
 Data order, augmentations, masks and stochastic depth are pure functions of (seed, step, sample position), so a
 run resumed from a checkpoint, on any number of processes, continues exactly as the uninterrupted run would have.
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,27 +24,34 @@ from dinoforge.collectives import all_reduce_mean
 from dinoforge.config import save_config
 from dinoforge.launch import DistributedEnv, init_distributed
 from dinoforge.models.attention import choose_backend
-from dinoforge.models.config import build_backbone
-from dinoforge.models.flops import train_step_flops
 from dinoforge.precision import autocast
 from dinoforge.run_logging import setup_logging
 from evaluation.monitor import KnnMonitor
-from pretrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
+from pretrain.checkpoint import (
+    Checkpointer,
+    DamagedCheckpoint,
+    DamagedCheckpointError,
+    ModelState,
+    OptimizerState,
+    RNGState,
+)
 from pretrain.data.loader import build_pretrain_loader_from_config
 from pretrain.data.multicrop import apply_batch_photometric
-from pretrain.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, ema_update
-from pretrain.export import export_teacher
-from pretrain.initial_weights import load_initial_weights
-from pretrain.meta_arch import SSLMetaArch, images_in_batch
+from pretrain.learner import Learner, RunModels
+from pretrain.meta_arch import images_in_batch
 from pretrain.metrics import MetricsLogger, format_console
 from pretrain.optim import build_optimizer, clip_grad_norm
 from pretrain.run_length import resolve_epochs
 from pretrain.schedules import TrainingSchedules
 from pretrain.signal_watch import SignalWatch
+from pretrain.ssl_learner import build_pretraining
 from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
-from pretrain.train_config import TrainConfig
+from pretrain.train_config import RunConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
+
+CONSOLE_KEYS = ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "cls_loss", "patch_loss", "teacher_entropy",
+                "lr", "images_per_s", "mfu")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,67 +79,99 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 65_537 + rank
 
 
-def build_meta_arch(cfg: TrainConfig, env: DistributedEnv) -> SSLMetaArch:
-    # Same seed on every rank: FSDP2 keeps each rank's shard of its own initialisation, so they must agree.
-    torch.manual_seed(cfg.seed)
-    meta = SSLMetaArch(cfg.model, cfg.loss)
-    if cfg.init_weights:
-        load_initial_weights(meta, cfg.init_weights)
-    meta.to(env.device)
-    for side in (meta.student, meta.teacher):
-        blocks = side["backbone"].blocks
-        if cfg.activation_checkpointing and side is meta.student:
-            apply_activation_checkpointing(blocks)
-        if cfg.compile:
-            apply_compile(blocks)
-        apply_fsdp(side, blocks, env, param_dtype=cfg.precision)
-    return meta
+@dataclass
+class LearnerSlot:
+    """The trainer's components for one learner: optimizer, schedules, checkpoints, metrics, signal watch."""
 
-
-def flops_per_step(meta: SSLMetaArch, batch: dict) -> float:
-    """FLOPs of one training step on this process: student forward + backward (3x forward), teacher forward.
-
-    Counted on a meta-device copy of the backbone (the live one may be sharded); heads are linear layers, so
-    their forward costs 2 FLOPs per weight per row.
-    """
-    with torch.device("meta"):
-        backbone = build_backbone(meta.model_cfg, drop_path=False)
-    crops = [tuple(batch["global_crops"].shape), tuple(batch["local_crops"].shape)]
-    backbones = train_step_flops(backbone, crops, teacher=backbone, teacher_crops=crops[:1])
-    head_weights = sum(p.numel() for name, p in meta.student.named_parameters() if "head" in name)
-    rows = batch["global_crops"].shape[0] + batch["local_crops"].shape[0] + int(batch["n_masked_patches"])
-    teacher_rows = batch["global_crops"].shape[0] + int(batch["n_masked_patches"])
-    return backbones + 2 * head_weights * (3 * rows + teacher_rows)
+    learner: Learner
+    optimizer: torch.optim.Optimizer
+    schedules: TrainingSchedules
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    signal_watch: SignalWatch | None = None  # made at the first log: it needs the teacher rows a step
 
 
 class Trainer:
-    """Owns the components of one run and runs the step loop."""
+    """Owns the components of one run and runs the step loop over its learners (`pretrain.learner`)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: RunConfig, build: Callable[[RunConfig, DistributedEnv], RunModels] | None = None) -> None:
         self.env = init_distributed()
         self.cfg = cfg = resolve_epochs(cfg, self.env.world_size)
         self.run_dir = cfg.run_dir
         if self.env.is_main:
             save_config(cfg, self.run_dir)
         setup_logging(self.run_dir / "logs" / f"rank{self.env.rank}.log", self.env.rank)
-        self.meta = build_meta_arch(cfg, self.env)
-        self.optimizer = build_optimizer(self.meta.student, cfg.optim, depth=len(self.meta.student["backbone"].blocks))
+        self.models = (build or build_pretraining)(cfg, self.env)
+        self.meta = self.models.module
         self.global_batch = cfg.data.batch_size_per_rank * self.env.world_size * cfg.optim.accumulation_steps
-        self.schedules = TrainingSchedules.from_config(cfg.optim, cfg.total_steps, self.global_batch)
+        self.slots = [self._slot(learner) for learner in self.models.learners]
         self.state = LoopState()
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.env.is_main)
         self.monitor = KnnMonitor(cfg.monitor)
-        self.signal_watch: SignalWatch | None = None  # made at the first log: it needs the teacher rows a step
 
-    def app_state(self) -> dict:
-        return {"model": ModelState(self.meta), "optimizer": OptimizerState(self.meta.student, self.optimizer),
+    def _slot(self, learner: Learner) -> LearnerSlot:
+        cfg = self.cfg
+        module = learner.trainable()
+        return LearnerSlot(
+            learner=learner,
+            optimizer=build_optimizer(module, learner.optim, depth=len(module["backbone"].blocks)),
+            schedules=TrainingSchedules.from_config(learner.optim, cfg.total_steps, self.global_batch),
+            checkpointer=Checkpointer(learner.folder / "checkpoints", keep_last=cfg.keep_last),
+            metrics=MetricsLogger(learner.folder, enabled=self.env.is_main))
+
+    # Pretraining's single learner, under the names the tests and tools use.
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.slots[0].optimizer
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        return self.slots[0].checkpointer
+
+    @property
+    def metrics(self) -> MetricsLogger:
+        return self.slots[0].metrics
+
+    def app_state(self, slot: LearnerSlot | None = None) -> dict:
+        slot = slot or self.slots[0]
+        return {"model": ModelState(slot.learner.state_module()),
+                "optimizer": OptimizerState(slot.learner.trainable(), slot.optimizer),
                 "loop": self.state, "rng": RNGState()}
 
+    def save(self) -> None:
+        for slot in self.slots:
+            slot.checkpointer.save(self.state.step, self.app_state(slot))
+
     def resume(self) -> None:
-        if self.checkpointer.latest_step() is not None:
-            step = self.checkpointer.load(self.app_state())
-            logger.info("resumed from step %d (%s)", step, self.checkpointer.root)
+        """Load the newest checkpoint every learner has intact (damaged ones are passed over, and recorded)."""
+        if len(self.slots) == 1:
+            slot = self.slots[0]
+            if slot.checkpointer.latest_step() is None:
+                return
+            step = slot.checkpointer.load(self.app_state(slot))
+            self._record_damaged(slot, slot.checkpointer.damaged)
+        else:
+            common = set.intersection(*(set(slot.checkpointer.steps()) for slot in self.slots))
+            step = next((s for s in sorted(common, reverse=True) if self._load_all(s)), None)
+            if step is None:
+                return
+        logger.info("resumed from step %d (%s)", step, self.run_dir)
+
+    def _load_all(self, step: int) -> bool:
+        """Load `step` into every learner; False (with a warning) when one of them is damaged there."""
+        for slot in self.slots:
+            try:
+                slot.checkpointer.load(self.app_state(slot), step=step)
+            except DamagedCheckpointError as err:
+                logger.warning("checkpoint step %d of %s is damaged (%s); trying an older step", step,
+                               slot.learner.folder, err)
+                self._record_damaged(slot, [DamagedCheckpoint(step, err.path or slot.checkpointer.step_dir(step),
+                                                              str(err))])
+                return False
+        return True
+
+    def _record_damaged(self, slot: LearnerSlot, damaged: list[DamagedCheckpoint]) -> None:
+        for item in damaged:
+            slot.metrics.note(self.state.step, {"damaged_checkpoint": str(item.path), "damage": item.problem})
 
     def autocast(self):
         """bf16 autocast for an unsharded model (one process, CPU or GPU); sharded models compute in bf16 through
@@ -136,45 +180,60 @@ class Trainer:
             return contextlib.nullcontext()
         return autocast(self.env.device, self.cfg.precision)
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[bool, dict[str, torch.Tensor]]:
-        """One optimizer step over `micro_batches` (gradient accumulation); False when it was skipped."""
-        values = self.schedules.apply_to_optimizer(self.optimizer, self.state.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, torch.Tensor] = {}
+    def train_step(self, micro_batches: list[dict]) -> tuple[list[bool], list[dict[str, torch.Tensor]]]:
+        """One optimizer step of every learner over `micro_batches` (gradient accumulation): per learner, whether
+        its step was taken (False: skipped for a non-finite loss or gradient) and its averaged statistics."""
+        values = [slot.schedules.apply_to_optimizer(slot.optimizer, self.state.step) for slot in self.slots]
+        for slot in self.slots:
+            slot.optimizer.zero_grad(set_to_none=True)
+        totals: list[dict[str, torch.Tensor]] = [{} for _ in self.slots]
         for batch in micro_batches:
-            with self.autocast():
-                loss, stats = self.meta.compute_losses(batch, values.teacher_temp)
-            (loss / len(micro_batches)).backward()
-            for key, value in {"total_loss": loss.detach(), **stats}.items():
-                totals[key] = totals.get(key, 0) + value / len(micro_batches)
-        grad_norm = clip_grad_norm(self.meta.student, self.cfg.optim.clip_grad, self.cfg.optim.clip_per_module)
-        # every rank decides the same: skip if any rank saw a non-finite loss or gradient
-        finite = all_reduce_mean(torch.isfinite(totals["total_loss"] + grad_norm).float().to(self.env.device)) == 1
-        if finite:
-            self.optimizer.step()
-            ema_update(self.meta.teacher, self.meta.student, values.momentum)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        totals = {k: all_reduce_mean(v.float()) for k, v in totals.items()}
-        totals["grad_norm"] = grad_norm.detach()
-        return bool(finite), totals
+            shared = None
+            if self.models.shared_pass is not None:
+                with self.autocast():
+                    shared = self.models.shared_pass(batch, values[0].teacher_temp)
+            for slot, slot_values, slot_totals in zip(self.slots, values, totals, strict=True):
+                with self.autocast():
+                    loss, stats = slot.learner.loss(batch, shared, slot_values)
+                (loss / len(micro_batches)).backward()
+                for key, value in {"total_loss": loss.detach(), **stats}.items():
+                    slot_totals[key] = slot_totals.get(key, 0) + value / len(micro_batches)
+        taken = []
+        for slot, slot_values, slot_totals in zip(self.slots, values, totals, strict=True):
+            module = slot.learner.trainable()
+            grad_norm = clip_grad_norm(module, slot.learner.optim.clip_grad, slot.learner.optim.clip_per_module)
+            # every rank decides the same: skip if any rank saw a non-finite loss or gradient
+            finite = all_reduce_mean(
+                torch.isfinite(slot_totals["total_loss"] + grad_norm).float().to(self.env.device)) == 1
+            if finite:
+                slot.optimizer.step()
+                slot.learner.after_optimizer_step(slot_values)
+            else:
+                slot.optimizer.zero_grad(set_to_none=True)
+            slot_totals.update({k: all_reduce_mean(v.float()) for k, v in slot_totals.items()})
+            slot_totals["grad_norm"] = grad_norm.detach()
+            taken.append(bool(finite))
+        return taken, totals
 
     def fit(self) -> Path:
         cfg, env = self.cfg, self.env
         self.resume()
-        backend, why = choose_backend(cfg.model.attn_backend, env.device, compute_dtype(cfg.precision))
-        self.metrics.note(self.state.step, {"attention_backend": backend, "attention_reason": why})
+        model_cfg = self.models.learners[0].model_cfg
+        backend, why = choose_backend(model_cfg.attn_backend, env.device, compute_dtype(cfg.precision))
+        for slot in self.slots:
+            slot.metrics.note(self.state.step, {"attention_backend": backend, "attention_reason": why})
         accumulation = cfg.optim.accumulation_steps
-        loader, _ = build_pretrain_loader_from_config(cfg.data, rank=env.rank, world=env.world_size, seed=cfg.seed,
+        loader, _ = build_pretrain_loader_from_config(self.models.data or cfg.data, rank=env.rank,
+                                                      world=env.world_size, seed=cfg.seed,
                                                       start_step=self.state.step * accumulation,
-                                                      patch_size=cfg.model.patch_size)
+                                                      patch_size=model_cfg.patch_size)
         batches = iter(loader)
         throughput: Throughput | None = None
         end = cfg.total_steps
         if cfg.stop_after_steps:
             end = min(end, self.state.step + cfg.stop_after_steps)
-        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not env.is_main, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not env.is_main,
+                   desc="distill" if self.slots[0].learner.name else "train", dynamic_ncols=True)
         self.meta.train()
         while self.state.step < end:
             t0 = time.perf_counter()
@@ -182,16 +241,20 @@ class Trainer:
                      for _ in range(accumulation)]
             t_data = time.perf_counter() - t0
             if throughput is None:
-                throughput = self._throughput(flops_per_step(self.meta, micro[0]) * accumulation)
+                flops = self.models.shared_flops(micro[0]) + sum(s.learner.flops_per_step(micro[0])
+                                                                  for s in self.slots)
+                throughput = self._throughput(flops * accumulation)
             torch.manual_seed(step_seed(cfg.seed, self.state.step, env.rank))
-            finite, stats = self.train_step(micro)
-            self._after_step(finite, stats, micro, throughput, time.perf_counter() - t0, t_data)
+            taken, stats = self.train_step(micro)
+            self._after_step(taken, stats, micro, throughput, time.perf_counter() - t0, t_data)
             bar.update(1)
         bar.close()
         if self.state.step >= cfg.total_steps:
-            self.checkpointer.save(self.state.step, self.app_state())
-            export_teacher(self.meta, self.run_dir / "export", env)
-        self.metrics.close()
+            self.save()
+            for slot in self.slots:
+                slot.learner.export(env)
+        for slot in self.slots:
+            slot.metrics.close()
         return self.run_dir
 
     def _throughput(self, flops: float) -> Throughput:
@@ -203,48 +266,55 @@ class Trainer:
         return Throughput(flops, 0.0, self.env.world_size,
                           measure=lambda: measure_matmul_peak(device, compute_dtype(cfg.precision), seconds=0.2))
 
-    def _watch_signal(self, step: int, values: dict[str, float], rows: int) -> None:
+    def _watch_signal(self, slot: LearnerSlot, step: int, values: dict[str, float], rows: int) -> None:
         """Warn once, and record in metrics.jsonl, when the teacher's targets are uniform or collapsed."""
-        if self.signal_watch is None:
-            self.signal_watch = SignalWatch(self.cfg.loss.dino_head.out_dim, rows, self.cfg.optim.warmup_steps)
-        if "teacher_entropy" in values:
-            for problem in self.signal_watch.check(step, values["teacher_entropy"], values["teacher_mean_entropy"]):
-                self.metrics.note(step, {"signal_problem": problem.shape, "signal_message": problem.message})
+        if not slot.learner.prototypes or "teacher_entropy" not in values:
+            return
+        if slot.signal_watch is None:
+            slot.signal_watch = SignalWatch(slot.learner.prototypes, rows, slot.learner.optim.warmup_steps)
+        for problem in slot.signal_watch.check(step, values["teacher_entropy"], values["teacher_mean_entropy"]):
+            slot.metrics.note(step, {"signal_problem": problem.shape, "signal_message": problem.message})
 
-    def _after_step(self, finite: bool, stats: dict, micro: list[dict], throughput: Throughput,
+    def _after_step(self, taken: list[bool], stats: list[dict], micro: list[dict], throughput: Throughput,
                     step_seconds: float, data_seconds: float) -> None:
         cfg = self.cfg
         step = self.state.step
-        if finite:
+        if all(taken):
             self.state.consecutive_nonfinite = 0
         else:
             self.state.consecutive_nonfinite += 1
             self.state.skipped_steps += 1
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in total)", step,
-                           self.state.consecutive_nonfinite, self.state.skipped_steps)
+            skipped = [slot.learner.name or "the student" for slot, ok in zip(self.slots, taken, strict=True)
+                       if not ok]
+            logger.warning("step %d: non-finite loss or gradient, step skipped for %s (%d in a row, %d in total)",
+                           step, ", ".join(skipped), self.state.consecutive_nonfinite, self.state.skipped_steps)
         self.state.step += 1
         if step % cfg.log_every == 0 or self.state.step == cfg.total_steps:
             images = sum(images_in_batch(b) for b in micro)
-            values = {**stats, **self.schedules.at(step).as_dict(),
-                      **throughput.stats(images, step_seconds, data_seconds), "skipped_steps": self.state.skipped_steps,
-                      "decode_errors": sum(int(b.get("n_decode_errors", 0)) for b in micro)}
-            values["peak_memory_gib"] = peak_memory_gib(self.env.device)
-            values = self.metrics.log(step, values)
-            self._watch_signal(step, values, rows=micro[0]["global_crops"].shape[0] * self.env.world_size)
-            logger.info(format_console(step, cfg.total_steps, values, (
-                "total_loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "lr", "images_per_s", "mfu")))
+            common = {**throughput.stats(images, step_seconds, data_seconds), "skipped_steps": self.state.skipped_steps,
+                      "decode_errors": sum(int(b.get("n_decode_errors", 0)) for b in micro),
+                      "peak_memory_gib": peak_memory_gib(self.env.device)}
+            rows = micro[0]["global_crops"].shape[0] * self.env.world_size
+            for slot, slot_stats in zip(self.slots, stats, strict=True):
+                values = {**slot_stats, **slot.schedules.at(step).as_dict(), **common}
+                values = slot.metrics.log(step, values)
+                self._watch_signal(slot, step, values, rows)
+                name = f"[{slot.learner.name}] " if slot.learner.name else ""
+                logger.info(name + format_console(step, cfg.total_steps, values, CONSOLE_KEYS))
         if self.state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-            path = self.checkpointer.save(self.state.step, self.app_state())
+            self.save()
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at "
-                f"step {step}); stopped after saving {path}. Lower optim.base_lr, raise optim.warmup_steps or check "
-                f"the data, then resume; or raise max_consecutive_nonfinite."
+                f"step {step}); stopped after saving checkpoint step {self.state.step} under {self.run_dir}. Lower "
+                f"optim.base_lr, raise optim.warmup_steps or check the data, then resume; or raise "
+                f"max_consecutive_nonfinite."
             )
-        knn = self.monitor.maybe_run(self.meta.teacher["backbone"], self.state.step)
-        if knn:
-            self.metrics.log(step, knn)
+        for slot in self.slots:
+            knn = self.monitor.maybe_run(slot.learner.monitored_backbone(), self.state.step)
+            if knn:
+                slot.metrics.log(step, knn)
         if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
-            self.checkpointer.save(self.state.step, self.app_state())
+            self.save()
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -1,4 +1,6 @@
-"""The config of a pretraining run: its schedule, precision and the configs of its components."""
+"""The configs of the engine's runs: what every run shares (`RunConfig`: schedule length, precision, data, optimiser,
+monitor) and what a pretraining run adds (`TrainConfig`: its model and loss). Distillation adds its teacher and
+students instead (`pretrain.distill_config`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from pretrain.optim import OptimConfig
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The keys every run of the training engine reads, with the same meaning in `train` and `distill`."""
+
     name: str = "run"
     output_dir: str = "runs/pretrain"
     seed: int = 0
@@ -29,11 +33,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     max_consecutive_nonfinite: int = 5
-    init_weights: str = ""  # start from these weights (e.g. the high-resolution phase): run dir or export
     peak_tflops: float = 0.0  # 0: the GPU's data-sheet figure, or a measured matmul rate on CPU
     stop_after_steps: int = 0  # end this process after that many steps (tests: an interrupted run)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
@@ -41,3 +42,12 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Self-supervised pretraining: one student, its EMA teacher, their heads and the loss terms."""
+
+    init_weights: str = ""  # start from these weights (e.g. the high-resolution phase): run dir or export
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)

@@ -11,7 +11,7 @@ from test_meta_arch import K, synthetic_batch
 from dinoforge.models.config import ModelConfig
 from pretrain.data.collate import stack_crops
 from pretrain.losses.terms import LossTerm, build_terms, resolve_term
-from pretrain.meta_arch import HeadConfig, LossConfig, SSLMetaArch, images_in_batch
+from pretrain.meta_arch import HeadConfig, LossConfig, SSLMetaArch, head_logits, images_in_batch
 
 
 def tiny_meta(**loss_overrides) -> SSLMetaArch:
@@ -35,7 +35,7 @@ def fixed_chain(meta: SSLMetaArch, batch: dict, teacher_temp: float) -> tuple[to
         meta.student["backbone"], [batch["global_crops"], batch["local_crops"]], [batch["masks"], None])
     student_cls = torch.cat([global_out["x_norm_clstoken"], local_out["x_norm_clstoken"]])
     masked = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-    cls_logits, patch_logits = meta._heads(meta.student, student_cls, masked)
+    cls_logits, patch_logits = head_logits(meta.student, student_cls, masked)
     n_local = local_out["x_norm_clstoken"].shape[0] // teacher_cls[0].shape[0]
     student_crops = list(cls_logits.chunk(n_global + n_local))
     terms = {}

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 
@@ -117,6 +118,22 @@ def resolve_term(spec: str) -> type[LossTerm]:
     if not (isinstance(term, type) and issubclass(term, LossTerm)):
         raise ValueError(f"loss term {spec!r} is not a LossTerm subclass")
     return term
+
+
+def weighted_total(terms: list[LossTerm], outputs: StepOutputs, batch: Mapping[str, Any],
+                   teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The sum of weight * loss over `terms` (fp32, in their order) and every term's detached value and extras."""
+    values: dict[str, Tensor] = {}
+    total = outputs.student_patch_logits.new_zeros((), dtype=torch.float32)
+    for term in terms:
+        result = term(outputs, batch, teacher_temp)
+        if result is None:
+            continue
+        loss, extra = result
+        values[term.name] = loss
+        total = total + term.weight * loss
+        values.update(extra)
+    return total, {k: v.detach() for k, v in values.items()}
 
 
 def build_terms(loss_cfg: Any, arch: nn.Module) -> list[LossTerm]:
