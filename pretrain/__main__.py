@@ -1,5 +1,5 @@
-"""Command line of the pretraining stage: `python -m pretrain train CONFIG [key=value ...]`, `export RUN`,
-`plot RUN`."""
+"""Command line of the pretraining stage: `python -m pretrain train CONFIG [key=value ...]`, `distill CONFIG
+[key=value ...]`, `export RUN`, `plot RUN`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Run or resume a pretraining run. Single process, or several under torchrun / Slurm.")
     train.add_argument("config", help="YAML file, e.g. configs/pretrain/cpu_tiny.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=1e-3 data.dataset=DIR")
+    distill = commands.add_parser(
+        "distill", help="teach a frozen teacher to one or more smaller students; resumes from the run's checkpoints",
+        description="Run or resume a distillation run: every batch runs the teacher once and each student of "
+                    "`students:` learns from it (objective dino: the teacher's heads; features: its tokens). Each "
+                    "student's EMA is exported to RUN/students/NAME/export.")
+    distill.add_argument("config", help="YAML file, e.g. configs/distill/cpu_tiny.yaml")
+    distill.add_argument("overrides", nargs="*",
+                         help="key=value overrides, e.g. teacher.weights=runs/pretrain/cpu_tiny data.dataset=DIR")
     export = commands.add_parser(
         "export", help="write a run's teacher (official backbone layout + heads, safetensors) to RUN/export",
         description="Consolidate the teacher of a checkpoint (any number of shards) into RUN/export.")
@@ -42,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.export import export_run
 
             print(export_run(args.run_dir, args.step))
+            return 0
+        if args.command == "distill":
+            from pretrain.distill import distill
+            from pretrain.distill_config import DistillConfig
+
+            print(distill(load_config(DistillConfig, args.config, args.overrides)))
             return 0
         from pretrain.train import train  # heavy imports after argument parsing keep --help fast
         from pretrain.train_config import TrainConfig
