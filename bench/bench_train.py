@@ -365,6 +365,7 @@ def profile_variant(variant: str, name: str, cfg: TrainConfig, batch: dict, devi
 def bench_model(name: str, images: int, rounds: int, device: torch.device, variants: list[str],
                 recipe: bool = False, precision: str | None = None, overrides: list[str] | None = None,
                 interleaved: bool = True, profile_dir: Path | None = None, profile_steps: int = 3) -> dict:
+    """One recipe's variants timed over `rounds` (0: profiled only, which needs `profile_dir`)."""
     cfg = bench_config(name, recipe, precision, overrides or [])
     images = images or (cfg.data.batch_size_per_rank if recipe else 64 if name == "cpu_tiny" else 4)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -374,9 +375,11 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
     flops: dict[str, float] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, float] = {}
-    if interleaved:
+    matmul = None
+    timed = variants if rounds > 0 else []
+    if interleaved and timed:
         steps: dict[str, Step] = {}
-        for variant in variants:
+        for variant in timed:
             try:
                 steps[variant], flops[variant] = build_variant(variant, cfg, batch, device)
             except Exception as e:  # one variant that cannot run (e.g. no process group support) reports why
@@ -392,9 +395,9 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
         seconds = interleaved_min_seconds(steps, rounds, warmup=False)
         matmul = matmul_flops / seconds.pop("matmul")
         steps.clear()
-    else:
+    elif timed:
         matmul = measure_matmul_peak(device, dtype, size=8192 if device.type == "cuda" else 2048)
-        for variant in variants:
+        for variant in timed:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             step = None
@@ -409,14 +412,14 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
             step = None  # frees the variant's models and optimizer before the next one is built
             _free(device)
     profiles = {}
-    for variant in seconds if profile_dir is not None else ():
+    for variant in (seconds if timed else variants) if profile_dir is not None else ():
         try:  # after the timing, one variant alive at a time: a profile never costs a variant its number
             profiles[variant] = profile_variant(variant, name, cfg, batch, device, profile_dir, profile_steps)
         except Exception as e:
             profiles[variant] = {"error": _error_text(e)}
         _free(device)
     peak = datasheet or matmul
-
+    results.update({variant: {"profile": profiles[variant]} for variant in profiles if variant not in seconds})
     for variant, step_s in seconds.items():
         tflops = flops[variant] / step_s / 1e12
         results[variant] = {
@@ -431,9 +434,9 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
         "precision": cfg.precision,
         "activation_checkpointing": cfg.activation_checkpointing,
         "crops": {"global": list(batch["global_crops"].shape), "local": list(batch["local_crops"].shape)},
-        "peak_gflops": peak / 1e9,
+        "peak_gflops": peak / 1e9 if peak else None,
         "peak_tflops_datasheet": datasheet / 1e12 if datasheet else None,
-        "peak_tflops_matmul": matmul / 1e12,
+        "peak_tflops_matmul": matmul / 1e12 if matmul else None,
         "model_gflops_per_step": flops.get("ours", flops.get("fsdp", flops.get("plain", 0.0))) / 1e9,
         **({"timm_gflops_per_step": flops["timm"] / 1e9} if "timm" in flops else {}),
         **{VARIANTS[v]: results[v] for v in variants if v in results},
@@ -479,7 +482,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["cpu_tiny", "vits14"], help="recipes in configs/pretrain")
     parser.add_argument("--images", type=int, default=0,
                         help="images per step (0: the recipe's batch with --recipe, else 64 for cpu_tiny, 4 otherwise)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (0: no timing, only --profile)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--recipe", action="store_true",
                         help="the recipe's batch size, precision, drop path and activation checkpointing")
@@ -493,6 +496,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3, help="steps in each profile, after one warm-up")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every model")
     args = parser.parse_args()
+    if args.rounds < 1 and args.profile is None:
+        parser.error("--rounds 0 times nothing: it needs --profile")
     device = resolve_device(args.device)
     interleaved = args.timing == "interleaved" or (args.timing == "auto" and device.type == "cpu")
     try:

@@ -1,14 +1,18 @@
 """One-call GPU check: versions and kernel paths, `pytest -m gpu`, a bf16 training-step bench of the S, L and g
-recipes (our step under autocast, our step under FSDP2, timm's ViT) and a short real training run with k-NN at its
-end. Each stage runs in its own process group with its own time budget, so a hanging stage is killed and reported
-("timeout") while the others still run; one JSON summary goes to stdout and, when OUT is set, to $OUT/gpu_check.json.
+recipes (our step under autocast, our step under FSDP2, timm's ViT), a profile of their steps (stage `profile`, not
+run by default) and a short real training run with k-NN at its end. Each stage runs in its own process group with its
+own time budget, so a hanging stage is killed and reported ("timeout") while the others still run; one JSON summary
+goes to stdout and, when OUT is set, to $OUT/gpu_check.json.
 
     bash bench/gpu_check.sh                                        # on the GPU machine (README "GPU check")
     python bench/gpu_check.py --device cpu --quick --data DIR      # every stage at toy sizes on a CPU
 
 The training run is sized by a calibration run of the same command: its steps per second and start-up time give
-the number of steps that fit the stage's budget. Standard library only: the driver must report even when torch or a
-wheel does not import.
+the number of steps that fit the stage's budget. With the bench stage the summary's `issue27` section sets the step
+speed against the issue's targets and the numbers measured before its changes (`BEFORE_H200`). Standard library
+only: the driver must report even when torch or a wheel does not import.
+
+    bash bench/gpu_check.sh --stages env bench profile --bench-variants ours fsdp fsdp_keep timm   # issue 27
 """
 
 from __future__ import annotations
@@ -37,9 +41,27 @@ TAIL_CHARS = 2000
 # Seconds per stage on the GPU machine. The training run, last, gets what the others leave of the overall budget: ~150
 # s of the ~465 that bench/gpu_check.sh leaves the driver by default (`train` is that nominal share).
 BUDGETS = {"env": 30, "pytest": 60, "bench_vits14": 40, "bench_vitl14": 50, "bench_vitg14": 70,
-           "train_calibration": 45, "train": 150}
+           "profile_vits14": 25, "profile_vitl14": 30, "profile_vitg14": 45, "train_calibration": 45, "train": 150}
 MONITOR_POINTS = 3  # k-NN evaluations along the training run: a curve, not one number
-QUICK_BUDGETS = {"env": 60, "pytest": 60, "bench_cpu_tiny": 90, "train_calibration": 60, "train": 60}
+QUICK_BUDGETS = {"env": 60, "pytest": 60, "bench_cpu_tiny": 90, "profile_cpu_tiny": 90, "train_calibration": 60,
+                 "train": 60}
+# bench/bench_train.py's variants and their keys in its JSON
+VARIANT_KEYS = {"ours": "ours", "fsdp": "ours_fsdp2", "fsdp_keep": "ours_fsdp2_no_reshard",
+                "compiled": "ours_compiled", "timm": "timm_forward_backward"}
+BENCH_VARIANTS = tuple(VARIANT_KEYS)
+DEFAULT_BENCH_VARIANTS = ("ours", "fsdp", "timm")  # the bench budgets above are for these three
+PROFILE_STEPS = 2  # profiled steps after one warm-up: a ViT-S/14 trace of 3 steps is tens of MB
+PROFILE_VARIANT_S = {"profile_vits14": 10, "profile_vitl14": 13, "profile_vitg14": 23, "profile_cpu_tiny": 30}
+# (the profile budgets: start-up, plus PROFILE_VARIANT_S for each profiled variant's build, 3 steps and trace)
+# Issue 27's starting point on one H200 (bf16, the recipes' per-GPU batch; README "GPU check"): images/s and MFU
+# against the data sheet's 989 TFLOP/s, per recipe and variant (the keys of bench_train.py's JSON).
+BEFORE_H200 = {
+    "vits14": {"ours": (549, 0.092), "ours_fsdp2": (482, 0.081), "timm_forward_backward": (937, 0.119)},
+    "vitl14": {"ours": (117, 0.249), "ours_fsdp2": (86, 0.183), "timm_forward_backward": (116, 0.199)},
+    "vitg14": {"ours": (36.7, 0.282), "ours_fsdp2": (23.0, 0.177), "timm_forward_backward": (28.6, 0.183)},
+}
+MFU_TARGETS = {"vitl14": 0.40, "vitg14": 0.40}  # vits14's target is timm's MFU in the same run
+FSDP2_TARGET = 0.95  # FSDP2 on one rank within 5% of autocast
 
 
 @dataclass
@@ -57,6 +79,8 @@ class Settings:
     train_steps: int = 0  # 0: from the calibration run
     budgets: dict[str, float] = field(default_factory=dict)
     models: tuple[str, ...] = BENCH_MODELS
+    variants: tuple[str, ...] = DEFAULT_BENCH_VARIANTS
+    profile_variants: tuple[str, ...] = ("ours",)
 
     @property
     def bench_models(self) -> tuple[str, ...]:
@@ -269,17 +293,22 @@ def stage_env(s: Settings, env: dict, deadline: float) -> tuple[StageRun, dict]:
     return run, _read_json(out)
 
 
+def _bench_argv(s: Settings, model: str, variants: list[str], out: Path, rounds: int) -> list[str]:
+    argv = [s.python, "bench/bench_train.py", "--device", s.device, "--recipe", "--models", model,
+            "--variants", *variants, "--json-out", str(out)]
+    if s.quick:  # bf16 is emulated (slowly) on most CPUs
+        return argv + ["--precision", "fp32", "--images", "2", "--rounds", "1", "model.depth=2"]
+    return argv + ["--precision", "bf16", "--rounds", str(rounds)]
+
+
 def stage_bench(s: Settings, model: str, env: dict, deadline: float) -> tuple[StageRun, dict]:
     name = f"bench_{model}"
     out = s.logs / f"{name}.json"
     out.unlink(missing_ok=True)
-    argv = [s.python, "bench/bench_train.py", "--device", s.device, "--recipe", "--models", model,
-            "--variants", "ours", "fsdp", "timm", "--json-out", str(out)]
-    if s.quick:  # bf16 is emulated (slowly) on most CPUs
-        argv += ["--precision", "fp32", "--images", "2", "--rounds", "1", "model.depth=2"]
-    else:
-        argv += ["--precision", "bf16", "--rounds", "5"]
-    run = run_stage(name, argv, _budget(s, name, deadline), s.logs / f"{name}.log", env)
+    argv = _bench_argv(s, model, list(s.variants), out, rounds=5)
+    # the budgets are for the three default variants; each one more (a model build and 7 steps) scales them
+    budget = s.budgets[name] * max(1.0, len(s.variants) / len(DEFAULT_BENCH_VARIANTS))
+    run = run_stage(name, argv, _budget(s, name, deadline, budget), s.logs / f"{name}.log", env)
     report = _read_json(out)
     section = report.get("results", {}).get(model, {})
     if section:
@@ -288,6 +317,71 @@ def stage_bench(s: Settings, model: str, env: dict, deadline: float) -> tuple[St
     if run.status == "ok" and failed:
         run.status, run.error = "failed", "; ".join(f"{k}: {v}" for k, v in failed.items())
     return run, section
+
+
+def stage_profile(s: Settings, model: str, env: dict, deadline: float) -> tuple[StageRun, dict]:
+    """bench_train.py --profile (no timing rounds) of the profiled variants on one recipe: per variant its phases,
+    top kernels, syncs and idle gaps in the summary; traces, profile.json and profile.md in the logs' profile/."""
+    name = f"profile_{model}"
+    out = s.logs / f"{name}.json"
+    out.unlink(missing_ok=True)
+    variants = list(s.profile_variants)
+    argv = _bench_argv(s, model, variants, out, rounds=0)
+    argv[argv.index("--rounds") + 1] = "0"  # the quick arguments time one round
+    argv[argv.index("--json-out"):argv.index("--json-out")] = [
+        "--profile", str(s.logs / "profile" / model), "--profile-steps", "1" if s.quick else str(PROFILE_STEPS)]
+    budget = s.budgets[name] + PROFILE_VARIANT_S[name] * (len(variants) - 1)
+    run = run_stage(name, argv, _budget(s, name, deadline, budget), s.logs / f"{name}.log", env)
+    results = _read_json(out).get("results", {}).get(model, {})
+    section = {}
+    for variant in variants:
+        entry = results.get(VARIANT_KEYS[variant], {})
+        section[VARIANT_KEYS[variant]] = profile_digest(
+            entry.get("profile", {"error": entry.get("error", "no profile written")}))
+    failed = {k: v["error"] for k, v in section.items() if "error" in v}
+    if run.status == "ok" and failed:
+        run.status, run.error = "failed", "; ".join(f"{k}: {v}" for k, v in failed.items())
+    return run, section
+
+
+def profile_digest(profile: dict, kernels: int = 12, gaps: int = 5) -> dict:
+    """The summary's share of a profile: phases, syncs and idle time whole, the top kernels and longest gaps."""
+    if "error" in profile:
+        return {"error": profile["error"]}
+    digest = {key: profile.get(key) for key in ("step_ms", "busy_ms_per_step", "phases", "host_syncs_per_step",
+                                                "trace")}
+    digest["top_kernels"] = profile.get("top_kernels", [])[:kernels]
+    idle = profile.get("device_idle")
+    digest["device_idle"] = {**idle, "gaps": idle.get("gaps", [])[:gaps]} if idle else None
+    return digest
+
+
+def issue27_summary(bench: dict) -> dict:
+    """Issue 27's step-speed table: per recipe, each variant's images/s and MFU now and before (BEFORE_H200), and
+    its targets (vits14's MFU at least timm's; vitl14 and vitg14 at 40%; FSDP2 on one rank within 5% of
+    autocast, with or without resharding after forward), each with its value and whether it is met."""
+    table: dict = {}
+    for model, section in bench.items():
+        now = {variant: {"images_per_s": entry.get("images_per_s"), "mfu": entry.get("mfu"),
+                         "peak_memory_gib": entry.get("peak_memory_gib")}
+               for variant, entry in section.items() if isinstance(entry, dict) and "images_per_s" in entry}
+        before = {variant: {"images_per_s": ips, "mfu": mfu}
+                  for variant, (ips, mfu) in BEFORE_H200.get(model, {}).items()}
+        targets: dict = {}
+        ours = now.get("ours", {}).get("mfu")
+        if ours is not None:
+            wanted = MFU_TARGETS.get(model, now.get("timm_forward_backward", {}).get("mfu"))
+            if wanted is not None:
+                targets["mfu"] = {"value": ours, "target": wanted, "met": ours >= wanted}
+        speeds = {key: section[key] for key in ("fsdp2_speed_vs_autocast", "fsdp2_no_reshard_speed_vs_autocast")
+                  if isinstance(section.get(key), (int, float))}
+        if speeds:
+            best = max(speeds, key=speeds.get)
+            targets["fsdp2_vs_autocast"] = {"value": speeds[best], "variant": best, "target": FSDP2_TARGET,
+                                            "met": speeds[best] >= FSDP2_TARGET, **speeds}
+        table[model] = {"now": now, "before": before, "targets": targets}
+    met = [t["met"] for section in table.values() for t in section["targets"].values()]
+    return {"recipes": table, "targets_met": sum(met), "targets": len(met)}
 
 
 # -- training run ---------------------------------------------------------------------------------------------------
@@ -425,8 +519,8 @@ def stage_train(s: Settings, env: dict, deadline: float) -> tuple[dict[str, Stag
 # -- driver ---------------------------------------------------------------------------------------------------------
 
 
-def _budget(s: Settings, name: str, deadline: float) -> float:
-    return max(0.0, min(s.budgets[name], deadline - time.monotonic() - 2.0))
+def _budget(s: Settings, name: str, deadline: float, budget: float | None = None) -> float:
+    return max(0.0, min(s.budgets[name] if budget is None else budget, deadline - time.monotonic() - 2.0))
 
 
 def _train_budget(deadline: float) -> float:
@@ -461,6 +555,11 @@ def run_check(s: Settings) -> dict:
         report["bench"] = {}
         for model in s.bench_models:
             stages[f"bench_{model}"], report["bench"][model] = stage_bench(s, model, env, deadline)
+        report["issue27"] = issue27_summary(report["bench"])
+    if "profile" in s.stages:
+        report["profile"] = {}
+        for model in s.bench_models:
+            stages[f"profile_{model}"], report["profile"][model] = stage_profile(s, model, env, deadline)
     if "train" in s.stages:
         runs, report["train"] = stage_train(s, env, deadline)
         stages.update(runs)
@@ -487,10 +586,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/gpu_check"), help="run directories and logs")
     parser.add_argument("--budget-s", type=float, default=470.0, help="the whole check, in seconds")
     parser.add_argument("--train-steps", type=int, default=0, help="fixed length of the training run (0: calibrate)")
-    parser.add_argument("--stages", nargs="+", choices=["env", "pytest", "bench", "train"],
+    parser.add_argument("--stages", nargs="+", choices=["env", "pytest", "bench", "profile", "train"],
                         default=["env", "pytest", "bench", "train"])
     parser.add_argument("--bench-models", nargs="+", choices=BENCH_MODELS, default=list(BENCH_MODELS),
-                        help="the recipes the bench stage steps (default: all three)")
+                        help="the recipes the bench and profile stages step (default: all three)")
+    parser.add_argument("--bench-variants", nargs="+", choices=BENCH_VARIANTS, default=list(DEFAULT_BENCH_VARIANTS),
+                        help="bench_train.py's variants in the bench stage (each beyond three adds a third to its "
+                             "budgets)")
+    parser.add_argument("--profile-variants", nargs="+", choices=BENCH_VARIANTS, default=["ours"],
+                        help="the variants the profile stage profiles (default: ours)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: $OUT/gpu_check.json when OUT is set")
     args = parser.parse_args(argv)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
@@ -506,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = out_dir / "gpu_check_logs" if out_dir else work / "logs"
     settings = Settings(device=args.device, quick=args.quick, data=data, work=work, logs=logs,
                         budget_s=args.budget_s, stages=args.stages, train_steps=args.train_steps,
-                        budgets=dict(QUICK_BUDGETS if args.quick else BUDGETS), models=tuple(args.bench_models))
+                        budgets=dict(QUICK_BUDGETS if args.quick else BUDGETS), models=tuple(args.bench_models),
+                        variants=tuple(args.bench_variants), profile_variants=tuple(args.profile_variants))
     report = run_check(settings)
     emit(report, json_out)
     return 0 if report["ok"] else 1

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the bench scripts are not installed; `bench` imports as a namespace package
 
 from bench.gpu_check import (  # noqa: E402
+    BEFORE_H200,
     Settings,
+    issue27_summary,
     junit_summary,
     monitor_schedule,
     pytest_log_summary,
@@ -88,6 +90,56 @@ def test_quick_cpu_check_reports_every_section(tmp_path):
     assert set(report["stages"]) == {"env", "pytest", "bench_cpu_tiny", "train"}
     for stage in report["stages"].values():
         assert stage["status"] == "ok" and 0 < stage["seconds"] <= stage["budget_s"] and Path(stage["log"]).is_file()
+
+
+@pytest.mark.timeout(200)
+def test_quick_bench_and_profile_stages_report_issue27(tmp_path):
+    """The issue-27 command's stages (bench with the FSDP2 variant that keeps parameters gathered, profile) at toy
+    sizes: the step-speed table and the profile digest land in the summary, the tables and trace in the logs."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--work", str(tmp_path / "work"), "--stages", "bench", "profile",
+                           "--bench-variants", "ours", "fsdp_keep", "timm", "--profile-variants", "ours", "timm"],
+                          capture_output=True, text=True, env={**os.environ, "OUT": str(out)}, cwd=REPO, timeout=180)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["ok"], (report["failed_stages"], report["stages"])
+    assert set(report["stages"]) == {"bench_cpu_tiny", "profile_cpu_tiny"}
+    table = report["issue27"]["recipes"]["cpu_tiny"]
+    assert set(table["now"]) == {"ours", "ours_fsdp2_no_reshard", "timm_forward_backward"} and not table["before"]
+    assert set(table["targets"]) == {"mfu", "fsdp2_vs_autocast"}  # vits14's rule (timm's MFU) for other recipes
+    assert table["targets"]["fsdp2_vs_autocast"]["variant"] == "fsdp2_no_reshard_speed_vs_autocast"
+
+    assert set(report["profile"]["cpu_tiny"]) == {"ours", "timm_forward_backward"}
+    profile = report["profile"]["cpu_tiny"]["ours"]
+    assert {"photometric", "dino_sinkhorn_knopp", "student_backbone", "backward", "optimizer", "ema"} <= set(
+        profile["phases"])
+    assert 0 < len(profile["top_kernels"]) <= 12 and profile["step_ms"] > 0 and profile["device_idle"] is None
+    folder = out / "gpu_check_logs" / "profile" / "cpu_tiny"
+    assert Path(profile["trace"]).is_file()
+    assert (folder / "profile.md").is_file() and (folder / "profile.json").is_file()
+    assert report["profile"]["cpu_tiny"]["timm_forward_backward"]["phases"].keys() == {"forward", "backward",
+                                                                                       "optimizer"}
+
+
+def test_issue27_table_against_the_targets():
+    def entry(images_per_s, mfu):
+        return {"images_per_s": images_per_s, "mfu": mfu, "peak_memory_gib": 10.0}
+
+    bench = {"vits14": {"ours": entry(900, 0.13), "ours_fsdp2": entry(860, 0.124),
+                        "timm_forward_backward": entry(937, 0.12), "fsdp2_speed_vs_autocast": 0.956},
+             "vitl14": {"ours": entry(150, 0.32), "ours_fsdp2": entry(120, 0.26),
+                        "ours_fsdp2_no_reshard": entry(146, 0.31), "fsdp2_speed_vs_autocast": 0.80,
+                        "fsdp2_no_reshard_speed_vs_autocast": 0.97},
+             "vitg14": {"ours": {"error": "OutOfMemoryError: CUDA out of memory"}}}
+    summary = issue27_summary(bench)
+    s, l, g = (summary["recipes"][m] for m in ("vits14", "vitl14", "vitg14"))
+    assert s["targets"]["mfu"] == {"value": 0.13, "target": 0.12, "met": True}
+    assert s["targets"]["fsdp2_vs_autocast"]["met"] and s["before"]["ours"] == {"images_per_s": 549, "mfu": 0.092}
+    assert l["targets"]["mfu"] == {"value": 0.32, "target": 0.40, "met": False}
+    assert l["targets"]["fsdp2_vs_autocast"]["variant"] == "fsdp2_no_reshard_speed_vs_autocast"
+    assert l["targets"]["fsdp2_vs_autocast"]["met"]  # without resharding it is within 5%
+    assert g["now"] == {} and g["targets"] == {} and set(g["before"]) == set(BEFORE_H200["vitg14"])
+    assert (summary["targets_met"], summary["targets"]) == (3, 4)
 
 
 def test_a_stage_past_its_budget_is_killed_with_its_children(tmp_path):
