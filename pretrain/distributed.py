@@ -195,5 +195,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         if t.shape != s.shape:
             raise ValueError(f"parameter {name}: teacher shard {tuple(t.shape)} vs student shard {tuple(s.shape)}; "
                              "shard teacher and student with the same apply_fsdp call arguments")
-    torch._foreach_mul_(t_local, momentum)
-    torch._foreach_add_(t_local, s_local, alpha=1.0 - momentum)
+    # teacher + (1 - m) * (student - teacher): one read of each list and one write, where a multiply and an add
+    # read and write the teacher twice (2 x 4.4 GB a step for ViT-g). Weight 0 (m = 1) leaves the teacher as it
+    # is and weight 1 (m = 0) copies the student exactly (torch's lerp computes end - (end - start) * 0 there).
+    torch._foreach_lerp_(t_local, s_local, 1.0 - momentum)
