@@ -6,10 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from slurm.stages import STAGES
+
 EPILOG = """\
 STAGE ARGS are what `python -m STAGE` takes; options this command does not know are passed on to the stage.
 examples:
   python -m slurm submit pretrain configs/pretrain/vitl14.yaml data.dataset=DIR --profile gpu_cluster --nodes 4
+  python -m slurm submit pretrain distill configs/distill/cpu_tiny.yaml teacher.weights=RUN data.dataset=DIR
   python -m slurm submit curate configs/curate/imagenette.yaml --profile gpu_cluster --array-parallelism 32
   python -m slurm submit curate embed configs/curate/imagenette.yaml        # one step
   python -m slurm submit curate embed configs/curate/imagenette.yaml --partitions 3   # rerun one array task
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     submit = commands.add_parser("submit", help="submit a stage as Slurm jobs", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    submit.add_argument("stage", choices=("pretrain", "curate", "evaluation"))
+    submit.add_argument("stage", choices=STAGES)
     submit.add_argument("--profile", help="cluster profile: a name in configs/slurm/ (local, gpu_cluster) or a YAML")
     for key, kind in PROFILE_FLAGS.items():
         submit.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=None,

@@ -1,8 +1,9 @@
-"""Submitting a stage as submitit jobs: pretraining as one multi-node multi-task job, curation as a chain of jobs
-(partitioned steps as arrays with bounded parallelism, then a closing task) linked by `afterok` dependencies,
-evaluation as one job. A job that fails cancels the jobs after it (`--kill-on-invalid-dep`); `failure_report` says
-what it ran, where its log is and how to rerun it alone (one array task: `curate STEP CONFIG --partitions P`), and a
-resubmitted curation run leaves out the steps that are complete.
+"""Submitting a stage as submitit jobs, as the stage's own table plans them (`STAGE.jobs`): training and
+distillation as one multi-node multi-task job, curation as a chain of jobs (partitioned steps as arrays with bounded
+parallelism, then a closing task) linked by `afterok` dependencies, evaluation as one job. A job that fails
+cancels the jobs after it (`--kill-on-invalid-dep`); `failure_report` says what it ran, where its log is and how to
+rerun it alone (one array task: `curate STEP CONFIG --partitions P`), and a resubmitted curation run leaves out the
+steps that are complete.
 
 Every job calls the stage's own command-line entry (`pretrain.__main__.main([...])` ...), so a job runs exactly what
 `python -m STAGE ...` runs; ranks and the rendezvous come from Slurm's variables through `dinoforge.launch`.
@@ -13,34 +14,29 @@ complete training checkpoint, the curation step markers).
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
 
+from dinoforge.jobs import JobSpec
 from slurm.profile import ClusterProfile
+from slurm.stages import STAGES
 
-STAGES = ("pretrain", "curate", "evaluation")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED_FINAL")
 
 
 def stage_main(stage: str):
     """The command-line entry of a stage (imported in the job, not at submission)."""
-    if stage == "pretrain":
-        from pretrain.__main__ import main
-    elif stage == "curate":
-        from curate.__main__ import main
-    elif stage == "evaluation":
-        from evaluation.__main__ import main
-    else:
+    if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
-    return main
+    return importlib.import_module(f"{stage}.__main__").main
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -63,118 +59,12 @@ class StageJob(submitit.helpers.Checkpointable):
         return f"StageJob(python -m {self.stage} {' '.join(self.argv)})"
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """One submission: a job (or an array of `len(argvs)` tasks) after the jobs of `after` (indices) succeed."""
-
-    name: str
-    argvs: list[list[str]]
-    multi_task: bool  # one task per GPU over all nodes (training); otherwise one task
-    after: tuple[int, ...] = ()
-
-
 def plan(stage: str, args: list[str]) -> tuple[Path, list[JobSpec]]:
-    """The run directory and the jobs of `python -m STAGE ARGS`, checked here (a bad config fails before submission)."""
-    if stage == "pretrain":
-        from dinoforge.config import load_config
-        from pretrain.train_config import TrainConfig
-
-        argv = args if args[:1] in (["train"], ["export"]) else ["train", *args]
-        if argv[0] != "train":
-            return Path(argv[1]), [JobSpec("pretrain-export", [argv], multi_task=False)]
-        config, overrides = argv[1], [a for a in argv[2:] if not a.startswith("-")]
-        run_dir = load_config(TrainConfig, config, overrides).run_dir
-        return run_dir, [JobSpec(f"pretrain-{run_dir.name}", [argv], multi_task=True)]
-    if stage == "curate":
-        return _plan_curation(args)
-    if stage == "evaluation":
-        from evaluation.__main__ import build_parser
-
-        parsed = build_parser().parse_intermixed_args(args)
-        return Path(parsed.out or Path("runs") / "eval"), [JobSpec(f"eval-{parsed.task}", [args], multi_task=True)]
-    raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
-
-
-def _plan_curation(args: list[str]) -> tuple[Path, list[JobSpec]]:
-    """`[STEP] CONFIG [overrides] [--partitions LIST]`: one step, or (`run` or no step) every step in order.
-
-    `run` leaves out the leading steps that are complete already (their markers current at submission), so that
-    resubmitting a run after a failure queues only what is left. `--partitions` (a partitioned step only) runs
-    those partitions as the array, then the closing task; how one failed array task is rerun alone.
-    """
-    from curate.config import load_curate_config
-    from curate.partition import parse_partition_list
-    from curate.steps import STEPS as REGISTRY
-
-    steps_in_order = tuple(step.name for step in REGISTRY)
-    partitioned = {step.name for step in REGISTRY if step.partitioned}
-    args, partitions_spec = _pop_option(args, "--partitions")
-    if args and args[0] in (*steps_in_order, "run"):
-        command, rest = args[0], args[1:]
-    else:
-        command, rest = "run", args
-    if not rest:
-        raise ValueError("curate needs a CONFIG: python -m slurm submit curate [STEP] CONFIG [key=value ...]")
-    config, overrides = rest[0], rest[1:]
-    cfg = load_curate_config(config, overrides)
-    if partitions_spec is not None and command not in partitioned:
-        raise ValueError(f"--partitions applies to one partitioned step ({', '.join(sorted(partitioned))}), "
-                         f"not to {command!r}: python -m slurm submit curate STEP CONFIG --partitions LIST")
-    partitions = (parse_partition_list(partitions_spec, cfg.partitions) if partitions_spec is not None
-                  else list(range(cfg.partitions)))
-    if command == "run":
-        done = completed_steps(cfg)
-        steps = steps_in_order[next((i for i, name in enumerate(steps_in_order) if name not in done),
-                                    len(steps_in_order)):]
-    else:
-        steps = (command,)
-    jobs: list[JobSpec] = []
-    for step in steps:
-        after = (len(jobs) - 1,) if jobs else ()
-        if step in partitioned and (cfg.partitions > 1 or partitions_spec is not None):
-            tasks = [[step, config, *overrides, "--partitions", str(p)] for p in partitions]
-            jobs.append(JobSpec(f"curate-{step}", tasks, multi_task=False, after=after))
-            # the closing task finds every partition done and writes the step's marker
-            jobs.append(JobSpec(f"curate-{step}-close", [[step, config, *overrides]], False, (len(jobs) - 1,)))
-        else:
-            jobs.append(JobSpec(f"curate-{step}", [[step, config, *overrides]], multi_task=False, after=after))
-    return cfg.run_dir, jobs
-
-
-def _pop_option(args: list[str], name: str) -> tuple[list[str], str | None]:
-    """`args` without `name VALUE` (or `name=VALUE`), and VALUE (None when absent)."""
-    rest, value = [], None
-    items = iter(args)
-    for arg in items:
-        if arg == name:
-            value = next(items, None)
-            if value is None:
-                raise ValueError(f"{name} needs a value, e.g. {name} 3 or {name} 0-7")
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return rest, value
-
-
-def completed_steps(cfg) -> set[str]:
-    """The curation steps whose markers are current for `cfg` (what `python -m curate` would skip)."""
-    from curate.rundir import RunDir
-    from curate.steps import STEPS as REGISTRY
-    from curate.steps.runner import StepOrderError, expected_fingerprint, step_named
-
-    rundir = RunDir(cfg.run_dir)
-    done = set()
-    for step in REGISTRY:
-        try:
-            expected = expected_fingerprint(REGISTRY, rundir, step.name,
-                                            lambda name: step_named(REGISTRY, name).config(cfg),
-                                            required=step.requires_upstream)
-        except StepOrderError:
-            continue
-        if rundir.read_marker(step.name) is not None and rundir.is_done(step.name, expected):
-            done.add(step.name)
-    return done
+    """The run directory and the jobs of `python -m STAGE ARGS`, from the stage's own table (`STAGE.jobs`), checked
+    here: a bad config fails before submission."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    return importlib.import_module(f"{stage}.jobs").plan_jobs(args)
 
 
 def make_executor(folder: Path, profile: ClusterProfile, multi_task: bool) -> submitit.SlurmExecutor:

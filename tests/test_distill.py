@@ -207,3 +207,16 @@ def test_distillation_run_teaches_a_student(image_folder, teacher_run, tmp_path)
     assert (tmp_path / "second" / "students" / "b" / "export" / "teacher_backbone.safetensors").is_file()
     with pytest.raises(ConfigError, match="students is empty"):
         load_config(DistillConfig, DISTILL, [f"data.dataset={image_folder}", "teacher.weights=x", "students=[]"])
+
+
+def test_slurm_plans_a_distillation_from_the_stage_table(image_folder, tmp_path):
+    """`python -m slurm submit pretrain distill ...` is an entry of pretrain's job table: one multi-task job running
+    `python -m pretrain distill ...` for the run folder the config names."""
+    from slurm import submit
+
+    argv = ["distill", str(DISTILL), f"data.dataset={image_folder}", "teacher.weights=unused",
+            f"output_dir={tmp_path}", "name=d"]
+    run_dir, (spec,) = submit.plan("pretrain", argv)
+    assert run_dir == tmp_path / "d" and spec.name == "distill-d" and spec.multi_task and spec.argvs == [argv]
+    with pytest.raises(ConfigError, match="students is empty"):
+        submit.plan("pretrain", [*argv, "students=[]"])
