@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoforge.models.attention import Attention
@@ -14,6 +16,21 @@ from dinoforge.models.packing import TokenLayout
 EFFICIENT_DROP_PATH_MIN = 0.1
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that leaves a bf16 input in bf16 under autocast (same parameters and state-dict keys).
+
+    Autocast runs layer_norm in fp32: it upcasts the bf16 residual stream (a copy) and the linear after the norm
+    casts the fp32 output back (another copy). Here the norm runs in the input's dtype with its weights cast to it,
+    as under FSDP2's bf16 parameters: torch's kernels still reduce in fp32 and round once on output.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class Block(nn.Module):
     """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); DINOv2 key names."""
 
@@ -22,10 +39,10 @@ class Block(nn.Module):
                  init_values: float | None = None, ffn_layer: str = "mlp", attn_backend: str = "auto",
                  efficient_drop_path: bool = True) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = build_ffn(ffn_layer, dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
