@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", help="a pretrain run directory, e.g. runs/pretrain/cpu_tiny")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     plot = commands.add_parser(
-        "plot", help="losses, teacher entropy against log K, schedules and k-NN of a run, as RUN/curves.png",
+        "plot", help="losses, teacher entropy against log K, schedules and k-NN of a run, as RUN/curves.png "
+                     "(a distillation run: each student's, as RUN/students/NAME/curves.png)",
         description="Plot a run's metrics.jsonl: what a run that learns (or stalls) looks like.")
     plot.add_argument("run_dir", help="a pretrain run directory")
     plot.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "plot":
-            from pretrain.plot import plot_run
+            from pretrain.plot import plot_runs
 
-            print(plot_run(args.run_dir, args.out))
+            print("\n".join(str(path) for path in plot_runs(args.run_dir, args.out)))
             return 0
         if args.command == "export":
             from pretrain.export import export_run

@@ -38,7 +38,7 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, step)
         return values
 
-    def note(self, step: int, fields: dict[str, str]) -> None:
+    def note(self, step: int, fields: dict[str, Any]) -> None:
         """Record facts about the run that are not numbers (e.g. the attention kernel and why) in metrics.jsonl."""
         if self.enabled:
             with self.path.open("a") as f:

@@ -14,7 +14,7 @@ from dinoforge.config import load_config
 from pretrain.metrics import read_metrics
 
 PANELS = (
-    ("losses", ("total_loss", "dino_loss", "ibot_loss", "koleo_loss")),
+    ("losses", ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "cls_loss", "patch_loss")),
     ("teacher target entropy", ("teacher_entropy", "teacher_mean_entropy")),
     ("schedules", ("lr", "teacher_temp")),
     ("k-NN accuracy", ()),  # every top-1 the monitor wrote (knn/top1_k20, ...), not its timing
@@ -54,9 +54,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not records:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} has no logged step yet: train first, or wait for the "
                                 "first log_every steps")
-    check_run_file(run_dir, "config.yaml")
-    cfg = load_config(TrainConfig, run_dir / "config.yaml")
-    log_k = math.log(cfg.loss.dino_head.out_dim)
+    # K of the targets: noted by the run at its start (every learner of train and distill); older runs: the config
+    prototypes = next((int(r["prototypes"]) for r in records if "prototypes" in r), None)
+    if prototypes is None and run_dir.parent.name != "students":  # a `features` student has no prototypes
+        check_run_file(run_dir, "config.yaml")
+        prototypes = load_config(TrainConfig, run_dir / "config.yaml").loss.dino_head.out_dim
+    log_k = math.log(prototypes) if prototypes else None
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     for ax, (title, keys) in zip(axes, PANELS, strict=True):
         keys = keys or knn_keys(records)
@@ -64,7 +67,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
             if points:
                 ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
-        if title in ("losses", "teacher target entropy"):
+        if title in ("losses", "teacher target entropy") and log_k is not None:
             ax.axhline(log_k, color="grey", linestyle="--", linewidth=1, label=f"log K = {log_k:.2f}")
         if title == "schedules":
             ax.set_yscale("log")
@@ -78,3 +81,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_runs(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """`plot_run` of a pretrain run, or of each student of a distillation run (RUN/students/NAME/curves.png)."""
+    run_dir = Path(run_dir)
+    students = sorted(p for p in (run_dir / "students").glob("*") if (p / "metrics.jsonl").is_file())
+    if not students:
+        return [plot_run(run_dir, out)]
+    if out is not None and len(students) > 1:
+        raise ValueError(f"{run_dir} has {len(students)} students: --out names one file; leave it out to write "
+                         "each student's curves.png in its folder")
+    return [plot_run(student, out) for student in students]

@@ -221,7 +221,10 @@ class Trainer:
         model_cfg = self.models.learners[0].model_cfg
         backend, why = choose_backend(model_cfg.attn_backend, env.device, compute_dtype(cfg.precision))
         for slot in self.slots:
-            slot.metrics.note(self.state.step, {"attention_backend": backend, "attention_reason": why})
+            facts = {"attention_backend": backend, "attention_reason": why}
+            if slot.learner.prototypes:  # K of the watched targets: `pretrain plot` draws log K from it
+                facts["prototypes"] = slot.learner.prototypes
+            slot.metrics.note(self.state.step, facts)
         accumulation = cfg.optim.accumulation_steps
         loader, _ = build_pretrain_loader_from_config(self.models.data or cfg.data, rank=env.rank,
                                                       world=env.world_size, seed=cfg.seed,

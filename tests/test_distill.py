@@ -97,6 +97,11 @@ def test_two_students_equal_two_one_student_runs(image_folder, teacher_run, tmp_
     assert (len(b.blocks), b.patch_size) == (2, 16)
     teacher = load_file(teacher_run / "export" / "teacher_backbone.safetensors")
     assert len({k.split(".")[1] for k in teacher if k.startswith("blocks.")}) == 2  # the teacher was not changed
+    # `pretrain plot RUN` draws each student's curves, log K from the teacher's prototypes its metrics note
+    printed = run(["plot", str(tmp_path / "both")]).stdout.split()
+    assert printed == [str(tmp_path / "both" / "students" / s / "curves.png") for s in ("a", "b")]
+    assert all(Path(p).stat().st_size > 10_000 for p in printed)
+    assert next(r for r in read_metrics(tmp_path / "both" / "students" / "a") if "prototypes" in r)["prototypes"] == 64
 
 
 def test_features_objective_from_a_bare_weights_file_with_projection_and_resampled_grid(image_folder, teacher_run,
