@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinoforge.models.ffn import scaled_linear
 from dinoforge.models.packing import TokenLayout
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        """x: [T, D] packed tokens -> [T, D]."""
+    def forward(self, x: Tensor, layout: TokenLayout, out_scale: Tensor | None = None) -> Tensor:
+        """x: [T, D] packed tokens -> [T, D]; `out_scale` [D] multiplies the output (see scaled_linear)."""
         t, d = x.shape
         q, k, v = self.qkv(x).view(t, 3, self.num_heads, d // self.num_heads).unbind(1)
         out = packed_attention(q, k, v, layout, resolve_backend(self.backend, x.device, q.dtype))
-        return self.proj(out.reshape(t, d))
+        return scaled_linear(self.proj, out.reshape(t, d), out_scale)

@@ -25,9 +25,10 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # e.g. meta
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(device, enabled=False):
             return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
@@ -48,11 +49,17 @@ class Block(nn.Module):
         self.drop_path = drop_path
         self.efficient_drop_path = efficient_drop_path
 
+    # LayerScale is folded into the branch's last linear (ls(W h + b) = (gamma W) h + gamma b): its parameter and
+    # key stay where they were, its two passes over the tokens (and their backward) go.
     def _attn_branch(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), layout))
+        if isinstance(self.ls1, LayerScale):
+            return self.attn(self.norm1(x), layout, out_scale=self.ls1.gamma)
+        return self.attn(self.norm1(x), layout)
 
     def _ffn_branch(self, x: Tensor, layout: TokenLayout) -> Tensor:
-        return self.ls2(self.mlp(self.norm2(x)))
+        if isinstance(self.ls2, LayerScale):
+            return self.mlp(self.norm2(x), out_scale=self.ls2.gamma)
+        return self.mlp(self.norm2(x))
 
     def forward(self, x: Tensor, layout: TokenLayout) -> Tensor:
         """x: [T, D] packed tokens described by `layout`."""
