@@ -90,21 +90,26 @@ def _short(name: str) -> str:
     return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 3] + "..."
 
 
+def _is_annotation(event) -> bool:
+    """A record_function range (ours or torch's); kineto mirrors them on the device timeline as well."""
+    return (getattr(event, "is_user_annotation", False) or event.name.startswith(PHASE_PREFIX)
+            or event.name in ("step", "ProfilerStep"))
+
+
+def device_events(events) -> list:
+    """The device's own events: kernels, copies and memsets, without the mirrored annotations."""
+    return [e for e in events if e.device_type == DeviceType.CUDA and not _is_annotation(e)]
+
+
 def top_kernels(events, on_device: bool, steps: int, n: int = 20) -> tuple[list[dict], float]:
     """The `n` kernels (or CPU operators) with the most self time: ms per step, calls per step, share of the total;
     and that total in ms per step (the device's busy time, or the operators' self CPU time)."""
     time_us: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    for event in events:
-        if on_device:
-            if event.device_type != DeviceType.CUDA:
-                continue
-            spent = event.time_range.elapsed_us()
-        else:
-            if event.device_type != DeviceType.CPU or event.name.startswith(PHASE_PREFIX) or event.name == "step":
-                continue
-            spent = event.self_cpu_time_total
-        time_us[event.name] += spent
+    chosen = device_events(events) if on_device else [e for e in events if e.device_type == DeviceType.CPU
+                                                        and not _is_annotation(e)]
+    for event in chosen:
+        time_us[event.name] += event.time_range.elapsed_us() if on_device else event.self_cpu_time_total
         calls[event.name] += 1
     total = sum(time_us.values())
     rows = [{"name": _short(name), "ms_per_step": spent / 1e3 / steps, "calls_per_step": calls[name] / steps,
@@ -165,7 +170,7 @@ def profile_step(step: Callable[[], None], timer: PhaseTimer, device: torch.devi
     events = prof.events()
     on_device = device.type == "cuda"
     kernels, busy_ms = top_kernels(events, on_device, steps)
-    intervals = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA]
+    intervals = [(e.time_range.start, e.time_range.end, e.name) for e in device_events(events)]
     report = {"steps": steps, "step_ms": wall * 1e3 / steps, "phases": timer.summary(steps),
               "busy_ms_per_step": busy_ms, "busy_is": "device kernels" if on_device else "operators' self CPU time",
               "top_kernels": kernels, "host_syncs_per_step": sync_counts(events, steps),

@@ -8,15 +8,17 @@ import gzip
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the bench scripts are not installed; `bench` imports as a namespace package
 
 from bench.bench_train import bench_config, bench_model, timm_model, timm_step_flops, write_profiles  # noqa: E402
-from bench.step_profile import idle_gaps  # noqa: E402
+from bench.step_profile import device_events, idle_gaps, top_kernels  # noqa: E402
 from dinoforge.models import vit_forward_flops_analytic  # noqa: E402
 from dinoforge.models.config import build_backbone  # noqa: E402
 
@@ -85,3 +87,15 @@ def test_idle_gaps_between_kernels():
     assert [(g["us"], g["after"], g["before"]) for g in idle["gaps"]] == [(70.0, "b", "c"), (30.0, "d", "e")]
     assert idle["idle_ms_per_step"] == pytest.approx(0.05) and idle["idle_share"] == pytest.approx(100 / 160)
     assert idle_gaps([], steps=1)["idle_ms_per_step"] is None
+
+
+def test_device_tables_leave_out_the_annotations_kineto_mirrors_on_the_device():
+    def event(name, start, end, annotation=False):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
+
+    events = [event("phase/forward", 0.0, 100.0, annotation=True), event("step", 0.0, 100.0),
+              event("gemm", 0.0, 30.0), event("softmax", 60.0, 70.0), event("gemm", 70.0, 90.0)]
+    assert [e.name for e in device_events(events)] == ["gemm", "softmax", "gemm"]
+    rows, busy_ms = top_kernels(events, on_device=True, steps=1)
+    assert [(r["name"], r["calls_per_step"]) for r in rows] == [("gemm", 2), ("softmax", 1)] and busy_ms == 0.06
