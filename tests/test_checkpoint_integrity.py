@@ -165,3 +165,23 @@ def test_pretrain_resume_and_export_with_a_damaged_latest(image_folder, tmp_path
         assert pretrain_main(["train", str(CONFIG), *overrides, "total_steps=4"]) == 0
     assert "resumed from step 2" in caplog.text and str(damaged) in caplog.text
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_large_files_are_checked_by_size_and_fully_on_request(tmp_path, monkeypatch):
+    """Above HASH_CHECK_MAX_BYTES a load checks sizes only (hashing a ViT-g shard again costs minutes): a cut shard
+    is still found; a same-size overwrite takes `full=True`."""
+    import pretrain.checkpoint_manifest as manifest_module
+
+    checkpointer, _ = save_steps(tmp_path, (1, 2))
+    monkeypatch.setattr(manifest_module, "HASH_CHECK_MAX_BYTES", 0)
+    cut = shard(checkpointer.step_dir(2))
+    cut_in_half(cut)
+    with pytest.raises(DamagedCheckpointError, match="bytes"):
+        manifest_module.verify(checkpointer.step_dir(2))
+    flipped = shard(checkpointer.step_dir(1))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    manifest_module.verify(checkpointer.step_dir(1))  # sizes agree
+    with pytest.raises(DamagedCheckpointError, match="SHA-256"):
+        manifest_module.verify(checkpointer.step_dir(1), full=True)

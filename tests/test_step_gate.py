@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from pretrain.step_gate import at_path, hold_path, wait_at_gate
+
+pytestmark = pytest.mark.timeout(60)  # a gate that never announces itself must fail, not hang
 
 
 def test_no_gate_folder_or_no_hold_file_passes_at_once(tmp_path):
