@@ -108,7 +108,7 @@ class RunLock:
                 if not locked:
                     holder = _read_holder(fd)
                     raise RunLockedError(self._refusal(holder, checked=True))
-                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                if not self._still_named(fd):
                     os.close(fd)  # the holder released (unlinked) it between our open and flock: start over
                     continue
                 self._judge(_read_holder(fd))
@@ -120,6 +120,13 @@ class RunLock:
             _held[self.path] = self
             atexit.register(self.release)
             return self
+
+    def _still_named(self, fd: int) -> bool:
+        """Whether the file open as `fd` is still the one at `self.path`."""
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     @staticmethod
     def _flock(fd: int, path: Path) -> bool:

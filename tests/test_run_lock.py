@@ -153,3 +153,20 @@ def test_second_curate_run_refuses_in_one_line(tmp_path, held, capsys):
     assert code == 1 and err.count("\n") == 1, err
     assert f"PID {held.proc.pid} on host {socket.gethostname()}" in err
     assert not (held_dir / "config.yaml").exists()  # refused before writing anything
+
+
+def test_file_released_between_open_and_flock_is_not_the_lock(tmp_path, monkeypatch):
+    """The holder unlinks the file just after we opened it: locking that orphan would let a third process in."""
+    real = RunLock._flock
+    released = []
+
+    def holder_releases_first(fd: int, path: Path) -> bool:
+        if not released:
+            released.append(path)
+            path.unlink()
+        return real(fd, path)
+
+    (tmp_path / LOCK_FILE).write_text("")
+    monkeypatch.setattr(RunLock, "_flock", staticmethod(holder_releases_first))
+    with RunLock(tmp_path):
+        assert released and recorded(tmp_path)["pid"] == os.getpid()
