@@ -16,7 +16,7 @@ from tqdm import tqdm
 from curate.decode import DecodeLimits, ImageProbe, probe_image
 from curate.manifest import new_manifest
 from curate.partition import partition_of
-from curate.sources import RawInput, SourceError, make_uid, read_source
+from curate.sources import LINK_POLICIES, RawInput, SourceError, make_uid, read_source
 from dinoforge.data.dataset_spec import TAR_SUFFIXES
 from dinoforge.data.file_list import FILE_LIST_SUFFIXES
 
@@ -30,6 +30,15 @@ class SourceConfig:
     path: str = ""
     kind: str = "auto"  # auto | folder | tar | webdataset | filelist
     name: str = ""  # unique label, part of every uid; defaults to the last path component
+    # Symbolic links followed in a folder: inside (those resolving inside `path`; others are rejected rows, unread),
+    # all (wherever they point: a pool assembled from links), none (every link is a rejected row). A file list's
+    # entries are followed unless none; tar members that are links are always rejected.
+    follow_symlinks: str = "inside"
+
+    def __post_init__(self) -> None:
+        if self.follow_symlinks not in LINK_POLICIES:
+            raise ValueError(f"follow_symlinks={self.follow_symlinks!r} (source {self.path!r}): use one of "
+                             f"{', '.join(LINK_POLICIES)}")
 
 
 @dataclass
@@ -75,7 +84,7 @@ def ingest_sources(role_sources: list[tuple[str, SourceConfig]], cfg: IngestConf
     for role, src in role_sources:
         name = source_name(src)
         before = len(rows)
-        inputs = read_source(src.path, src.kind, name, cfg.max_bytes)
+        inputs = read_source(src.path, src.kind, name, cfg.max_bytes, src.follow_symlinks)
         bar = tqdm(_probe_all(inputs, cfg), desc=f"ingest {role}:{name}", unit="img", mininterval=2.0)
         for raw, sha, probe in bar:
             rows.append(_row(role, raw, sha, probe, n_partitions))

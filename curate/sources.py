@@ -26,6 +26,8 @@ from dinoforge.data.formats import image_member
 from dinoforge.data.tar_members import member_problem, split_key
 
 SOURCE_KINDS = ("auto", "folder", "tar", "webdataset", "filelist")
+# Which symbolic links a source's reader follows: "inside" those that resolve inside the source folder, "all", "none".
+LINK_POLICIES = ("inside", "all", "none")
 # The shared layout detection's names -> curate's reader kinds ("tar": every member is an input of its own).
 KIND_OF_LAYOUT = {"folder": "folder", "tar": "tar", "filelist": "filelist", "shards": "webdataset"}
 
@@ -68,41 +70,72 @@ def guess_kind(path: str) -> str:
                           "webdataset, filelist") from None
 
 
-def read_source(path: str, kind: str, name: str, max_bytes: int) -> Iterator[RawInput]:
-    """Dispatch to the reader of `kind` (resolving `auto`)."""
+def read_source(path: str, kind: str, name: str, max_bytes: int, follow_symlinks: str = "inside"
+                ) -> Iterator[RawInput]:
+    """Dispatch to the reader of `kind` (resolving `auto`); `follow_symlinks` is one of `LINK_POLICIES`."""
     if kind not in SOURCE_KINDS:
         raise SourceError(f"source {name!r}: unknown kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    if follow_symlinks not in LINK_POLICIES:
+        raise SourceError(f"source {name!r}: follow_symlinks={follow_symlinks!r}; use one of "
+                          f"{', '.join(LINK_POLICIES)}")
     if kind == "auto":
         kind = guess_kind(path)
-    readers = {"folder": read_folder, "tar": read_tar, "webdataset": read_webdataset, "filelist": read_filelist}
-    return readers[kind](path, name, max_bytes)
+    if kind == "folder":
+        return read_folder(path, name, max_bytes, follow_symlinks)
+    if kind == "filelist":
+        return read_filelist(path, name, max_bytes, follow_symlinks)
+    return {"tar": read_tar, "webdataset": read_webdataset}[kind](path, name, max_bytes)  # members: never links
 
 
-def read_folder(root: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+def link_problem(link: Path, root: str, follow_symlinks: str) -> str | None:
+    """Why the symbolic link `link` under the source folder `root` (a real path) is not followed, or None.
+
+    A link is followed wherever it points only with "all": by default one that resolves outside the source is a
+    rejected row, unread, so a link to /etc/passwd puts none of its bytes in the manifest or report and a link to /
+    does not walk the whole file system.
+    """
+    if follow_symlinks == "all":
+        return None
+    if follow_symlinks == "none":
+        return f"symbolic link, not followed (follow_symlinks: none): {link}"
+    target = os.path.realpath(link)
+    if os.path.exists(target) and os.path.commonpath([root, target]) != root:  # a broken link says so when read
+        return f"link leaves the source: {link} -> {target} (follow_symlinks: all on this source reads it)"
+    return None
+
+
+def read_folder(root: str, name: str, max_bytes: int, follow_symlinks: str = "inside") -> Iterator[RawInput]:
     """Every file under `root`, recursively, in sorted order.
 
-    Symbolic links are followed, to files and to folders alike (pools are often assembled from links); a folder
-    reached a second time (a link loop, or two links to one folder) is one rejected row instead, so the walk ends
-    and every entry still has its row. A broken link, or a folder that cannot be listed, is a rejected row too.
+    Symbolic links, to files and to folders alike, are followed under `follow_symlinks` (`link_problem`: by default
+    those that stay inside `root`; pools assembled from links elsewhere set "all"); a link not followed is a rejected
+    row. A folder reached a second time (a link loop, or two links to one folder) is one rejected row instead, so the
+    walk ends and every entry still has its row. A broken link, or a folder that cannot be listed, is a rejected row
+    too.
     Hidden entries (names starting with '.': .DS_Store, editor swap files, .git) are rejected rows, not read: a
     hidden folder is one row, so nothing under `root` goes unaccounted for.
     """
     base = Path(root)
     if not base.is_dir():
         raise SourceError(f"source {name!r}: folder {root!r} does not exist or is not a directory")
-    visited = {os.path.realpath(base)}
+    real_root = os.path.realpath(base)
+    visited = {real_root}
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(base, onerror=unlisted.append, followlinks=True):
         yield from _unlisted_rows(unlisted, base, name)
         folder = Path(dirpath)
         rejected = {d: f"hidden folder (name starts with '.'): {folder / d}" for d in dirnames if d.startswith(".")}
+        for entry in sorted({*dirnames, *filenames} - set(rejected)):
+            if not entry.startswith(".") and (folder / entry).is_symlink():
+                if problem := link_problem(folder / entry, real_root, follow_symlinks):
+                    rejected[entry] = problem
         for d in sorted(set(dirnames) - set(rejected)):
             target = os.path.realpath(folder / d)
             if target in visited:
                 rejected[d] = f"link to a folder read already ({folder / d} -> {target}): a link loop or a second link"
             visited.add(target)
         dirnames[:] = sorted(set(dirnames) - set(rejected))
-        for entry in sorted([*filenames, *rejected]):
+        for entry in sorted({*filenames, *rejected}):
             full = folder / entry
             locator = full.relative_to(base).as_posix()
             if entry in rejected:
@@ -124,9 +157,10 @@ def _unlisted_rows(errors: list[OSError], base: Path, name: str) -> Iterator[Raw
     errors.clear()
 
 
-def read_filelist(list_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
+def read_filelist(list_path: str, name: str, max_bytes: int, follow_symlinks: str = "inside") -> Iterator[RawInput]:
     """The files a file list names (`dinoforge.data.file_list`; labels are not used here); locator = the path as
-    written."""
+    written. A list names its files wherever they are, so a listed link is followed unless `follow_symlinks` is
+    "none"."""
     if not Path(list_path).is_file():
         raise SourceError(f"source {name!r}: file list {list_path!r} does not exist or is not a file")
     try:
@@ -134,7 +168,11 @@ def read_filelist(list_path: str, name: str, max_bytes: int) -> Iterator[RawInpu
     except DatasetError as err:
         raise SourceError(f"source {name!r}: {err}") from None
     for entry in entries:
-        yield _read_file(entry.path, name, entry.entry, max_bytes)
+        if follow_symlinks == "none" and entry.path.is_symlink():  # a list has no source folder to stay inside
+            yield RawInput(name, entry.entry, str(entry.path.absolute()),
+                           reject_reason=link_problem(entry.path, "", follow_symlinks))
+        else:
+            yield _read_file(entry.path, name, entry.entry, max_bytes)
 
 
 def read_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:

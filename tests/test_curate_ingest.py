@@ -269,8 +269,8 @@ def test_a_source_without_inputs_or_a_binary_file_list_is_an_error_naming_it(tmp
 
 
 def test_symlinks_are_followed_and_loops_are_rejected_rows(tmp_path):
-    """Symlinked folders and files are read like real ones; a folder reached twice (a loop, a second link) is one
-    rejected row, so the walk ends and every entry of the tree still has its row."""
+    """With follow_symlinks: all, symlinked folders and files are read like real ones; a folder reached twice (a loop,
+    a second link) is one rejected row, so the walk ends and every entry of the tree still has its row."""
     outside = tmp_path / "outside"
     (outside / "deep").mkdir(parents=True)
     Image.new("RGB", (32, 32), (9, 9, 9)).save(outside / "deep" / "x.png")
@@ -282,7 +282,7 @@ def test_symlinks_are_followed_and_loops_are_rejected_rows(tmp_path):
     os.symlink(outside, pool / "second_link")
     os.symlink(outside / "y.png", pool / "file_link.png")
     os.symlink(pool, pool / "real" / "loop")
-    table = ingest_sources([("pool", SourceConfig(str(pool)))], IngestConfig(), 1)
+    table = ingest_sources([("pool", SourceConfig(str(pool), follow_symlinks="all"))], IngestConfig(), 1)
     rows = {r["locator"]: r["reject_reason"] for r in table.to_pylist()}
     assert sorted(rows) == ["file_link.png", "linked/deep/x.png", "linked/y.png", "real/loop", "real/z.png",
                             "second_link"]
