@@ -88,3 +88,21 @@ def test_profile_keeps_positive_resources():
 def test_rendezvous_is_the_first_host_of_a_comma_separated_list(nodelist, host):
     """Bug caught: the list not split at commas (a rendezvous address 'node1,node2' that resolves nowhere)."""
     assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("multi_task,nodes,tasks,gpus", [(True, 2, 4, 4), (False, 1, 1, 1)])
+def test_executor_gives_training_every_node_and_other_jobs_one_task(tmp_path, multi_task, nodes, tasks, gpus):
+    """Training: one task per GPU on every node; curation and export: one task, at most one GPU. Memory in MB,
+    limits and requeues as the profile says."""
+    profile = load_profile("local", ["nodes=2", "gpus_per_node=4", "mem_gb=1.5", "cpus_per_task=3", "timeout_min=7",
+                                     "signal_delay_s=30", "max_requeues=5"])
+    executor = submit.make_executor(tmp_path, profile, multi_task)
+    params = executor.parameters
+    assert (params["nodes"], params["ntasks_per_node"], params["gpus_per_node"]) == (nodes, tasks, gpus)
+    assert (params["cpus_per_task"], params["mem"], params["time"], params["signal_delay_s"]) == (3, "1536MB", 7, 30)
+    assert executor.max_num_timeout == 5
+
+
+def test_executor_on_cpu_asks_for_no_gpus(tmp_path):
+    executor = submit.make_executor(tmp_path, load_profile("local", []), multi_task=True)
+    assert "gpus_per_node" not in executor.parameters

@@ -14,10 +14,16 @@ from dinoforge.config import load_config
 from dinoforge.data.errors import DatasetError
 from pretrain.data.multicrop import MultiCropAugmentation, MultiCropConfig
 from pretrain.data.photometric import (
+    BRIGHTNESS,
+    CONTRAST,
+    GRAYSCALE,
     HUE,
+    JITTER,
     N_PARAMS,
+    SATURATION,
     SOLARIZE,
     apply_photometric,
+    blur_kernel_size,
     draw_photometric,
 )
 from pretrain.recipe_shrink import shrink_recipe
@@ -98,3 +104,34 @@ def test_solarize_inverts_from_128_of_255_in_both_paths():
     expected = torch.tensor([126, 127, 255 - 128, 255 - 129, 0], dtype=torch.float32) / 255
     torch.testing.assert_close(out[0, 0, 0], expected)
     assert MultiCropAugmentation(MultiCropConfig()).solarize.threshold == 128  # the per-image (PIL) path
+
+
+def draws(n: int = 2000, **kwargs: object) -> torch.Tensor:
+    """`n` parameter rows of one crop kind, from a fixed seed."""
+    args = {"blur_p": 0.5, "sigma": (0.1, 2.0), "solarize": True, "jitter_p": 0.8, "hue_max": 0.1, "grayscale_p": 0.2,
+            **kwargs}
+    torch.manual_seed(0)
+    return torch.stack([draw_photometric(**args) for _ in range(n)])
+
+
+@pytest.mark.parametrize("column,low,high", [(BRIGHTNESS, 0.6, 1.4), (CONTRAST, 0.6, 1.4), (SATURATION, 0.8, 1.2)])
+def test_jitter_factors_span_dinov2s_ranges(column, low, high):
+    """Bug caught: a range widened or narrowed (saturation 0.2 taken for 0.4, like brightness and contrast)."""
+    values = draws()[:, column]
+    assert values.min() >= low and values.max() <= high
+    assert values.min() < low + 0.02 * (high - low) and values.max() > high - 0.02 * (high - low)
+
+
+@pytest.mark.parametrize("column,kwargs,rate", [
+    (GRAYSCALE, {"grayscale_p": 0.2}, 0.2), (GRAYSCALE, {"grayscale_p": 0.0}, 0.0),
+    (SOLARIZE, {"solarize": True}, 0.2), (SOLARIZE, {"solarize": False}, 0.0), (JITTER, {"jitter_p": 0.8}, 0.8),
+])
+def test_grayscale_solarize_and_jitter_happen_at_their_probabilities(column, kwargs, rate):
+    """Bug caught: a comparison turned (grayscale on 80% of crops), or solarize on every second global crop."""
+    assert draws(**kwargs)[:, column].mean().item() == pytest.approx(rate, abs=0.03)
+
+
+@pytest.mark.parametrize("sigma,size", [(2.0, 9), (1.0, 5), (0.5, 3), (0.42, 3)])
+def test_blur_kernel_spans_two_sigma_each_side(sigma, size):
+    """Bug caught: a kernel of +-1 sigma (5 px for the paper's 2 px sigma, cutting its tails)."""
+    assert blur_kernel_size(sigma) == size
