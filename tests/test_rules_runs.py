@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from test_curate_steps_plumbing import TOY_STEPS, _toy_config
 
 import curate.steps.runner as runner
 from curate.config import load_curate_config
@@ -82,3 +83,12 @@ def test_temporary_names_are_hidden_and_unique_to_the_process(tmp_path):
     tmp = temporary_sibling(tmp_path / "marker")
     assert tmp.parent == tmp_path and tmp.name.startswith(".") and str(os.getpid()) in tmp.name
     assert tmp != tmp_path / "marker"
+
+
+def test_force_redoes_a_step_whose_marker_is_current(tmp_path):
+    """Bug caught: `--force` leaving the current marker, so the forced step is skipped."""
+    cfg = _toy_config(tmp_path)
+    assert [r.status for r in runner.run_all(TOY_STEPS, cfg)] == ["done", "done"]
+    assert [r.status for r in runner.run_all(TOY_STEPS, cfg)] == ["skipped", "skipped"]
+    assert runner.run_step(TOY_STEPS, "total", cfg, force=True).status == "done"
+    assert [r.status for r in runner.run_all(TOY_STEPS, cfg, force=True)] == ["done", "done"]
