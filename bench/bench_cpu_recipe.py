@@ -54,20 +54,20 @@ def eval_transform(model: ModelConfig) -> EvalTransformConfig:
     return EvalTransformConfig(resize_size=round(model.img_size * 256 / 224), crop_size=model.img_size)
 
 
-def eval_config(model: ModelConfig, weights: str, train: str, val: str, out: Path) -> KnnEvalConfig:
+def eval_config(model: ModelConfig, weights: str, train: str, val: str, out: Path, workers: int = 2) -> KnnEvalConfig:
     """k-NN of `model` (`weights`: "random" or a run directory) at the model's training resolution; `train` and
     `val` are dataset specs (class folders, labelled file lists)."""
     cfg = KnnEvalConfig(name=out.name, train=train, val=val, out=str(out), transform=eval_transform(model))
     cfg.model = BackboneConfig(weights=weights, arch=model.arch, depth=model.depth, patch_size=model.patch_size,
                                img_size=model.img_size, layerscale=model.layerscale)
-    cfg.features.num_workers, cfg.features.cache_dir = 2, ""
+    cfg.features.num_workers, cfg.features.cache_dir = workers, ""
     cfg.knn.ks = [K]
     return cfg
 
 
-def backbone_knn(model: ModelConfig, weights: str, train: str, val: str, out: Path) -> float:
+def backbone_knn(model: ModelConfig, weights: str, train: str, val: str, out: Path, workers: int = 2) -> float:
     """k-NN top-1 (%) on `val` with `train` as the bank."""
-    return run_evaluation(eval_config(model, weights, train, val, out)).metrics[f"top1_k{K}"]
+    return run_evaluation(eval_config(model, weights, train, val, out, workers)).metrics[f"top1_k{K}"]
 
 
 def pixel_features(spec: str, transform: EvalTransformConfig) -> tuple[torch.Tensor, torch.Tensor]:
