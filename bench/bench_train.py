@@ -53,13 +53,10 @@ from pretrain.distributed import apply_activation_checkpointing, apply_compile, 
 from pretrain.losses import masks_weight_from_masks
 from pretrain.meta_arch import SSLMetaArch
 from pretrain.optim import build_optimizer, clip_grad_norm
+from pretrain.ssl_learner import flops_per_step
 from pretrain.throughput import datasheet_peak, measure_matmul_peak
 from pretrain.train_config import TrainConfig
 
-try:  # the trainer's refactor into learners moves it out of train.py; the bench runs on either tree
-    from pretrain.ssl_learner import flops_per_step
-except ImportError:
-    from pretrain.train import flops_per_step
 try:  # run as a script, bench/ is on sys.path; imported by the tests, bench is a namespace package
     from step_profile import PhaseTimer, markdown, profile_step
 except ImportError:
