@@ -353,10 +353,13 @@ def build_variant(variant: str, cfg: TrainConfig, batch: dict, device: torch.dev
 
 def profile_variant(variant: str, name: str, cfg: TrainConfig, batch: dict, device: torch.device, out_dir: Path,
                     steps: int) -> dict:
-    """A profile of one variant's step (built afresh with its phases named), with its trace in `out_dir`."""
+    """A profile of one variant's step (built afresh with its phases named), with its trace in `out_dir` and its
+    tables in NAME.VARIANT.profile.json there at once (a later variant that runs out of time loses only its own)."""
     timer = PhaseTimer(device)
     step, _ = build_variant(variant, cfg, batch, device, timer)
-    return profile_step(step, timer, device, out_dir / f"{name}.{variant}.trace.json.gz", steps=steps)
+    report = profile_step(step, timer, device, out_dir / f"{name}.{variant}.trace.json.gz", steps=steps)
+    (out_dir / f"{name}.{variant}.profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def bench_model(name: str, images: int, rounds: int, device: torch.device, variants: list[str],

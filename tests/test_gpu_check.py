@@ -228,3 +228,19 @@ def test_training_is_skipped_without_a_dataset(tmp_path):
     report = run_check(settings)
     assert not report["ok"] and report["failed_stages"] == ["train_calibration", "train"]
     assert report["stages"]["train"]["status"] == "skipped" and "small_imagenette" in report["stages"]["train"]["error"]
+
+
+def test_a_profile_stage_killed_in_its_second_variant_keeps_the_first(tmp_path, monkeypatch):
+    import bench.gpu_check as gpu_check
+
+    folder = tmp_path / "profile" / "vits14"
+    folder.mkdir(parents=True)
+    (folder / "vits14.ours.profile.json").write_text(json.dumps(
+        {"step_ms": 80.0, "phases": {"backward": {"ms_per_step": 30.0}}, "top_kernels": [], "device_idle": None}))
+    monkeypatch.setattr(gpu_check, "run_stage", lambda name, *args, **kwargs: gpu_check.StageRun(name, "timeout"))
+    settings = Settings(device="cuda", quick=False, data=tmp_path, work=tmp_path, logs=tmp_path, budget_s=60,
+                        stages=["profile"], budgets=dict(gpu_check.BUDGETS), profile_variants=("ours", "fsdp"))
+    run, section = gpu_check.stage_profile(settings, "vits14", {}, time.monotonic() + 60)
+    assert run.status == "timeout"
+    assert section["ours"]["step_ms"] == 80.0 and section["ours"]["phases"]["backward"]["ms_per_step"] == 30.0
+    assert section["ours_fsdp2"] == {"error": "no profile written (timeout)"}
