@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     distill.add_argument("overrides", nargs="*",
                          help="key=value overrides, e.g. teacher.weights=runs/pretrain/cpu_tiny data.dataset=DIR")
     export = commands.add_parser(
-        "export", help="write a run's teacher (official backbone layout + heads, safetensors) to RUN/export",
+        "export", help="write a run's teacher (official backbone layout + heads, safetensors) to RUN/export (a "
+                       "distillation run: each student's EMA to RUN/students/NAME/export)",
         description="Consolidate the teacher of a checkpoint (any number of shards) into RUN/export.")
     export.add_argument("run_dir", help="a pretrain run directory, e.g. runs/pretrain/cpu_tiny")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -48,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(str(path) for path in plot_runs(args.run_dir, args.out)))
             return 0
         if args.command == "export":
+            from pathlib import Path
+
+            if (Path(args.run_dir) / "students").is_dir():  # a distillation run: each student's EMA
+                from pretrain.distill import export_students
+
+                print("\n".join(str(p) for p in export_students(args.run_dir, args.step)))
+                return 0
             from pretrain.export import export_run
 
             print(export_run(args.run_dir, args.step))

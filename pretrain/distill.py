@@ -123,3 +123,26 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.total_steps <= 0:
         raise ValueError(f"total_steps must be a positive integer, got {cfg.total_steps}")
     return Trainer(cfg, build_distillation).fit()
+
+
+def export_students(run_dir: str | Path, step: int | None = None) -> list[Path]:
+    """Export every student of a distillation run from its checkpoint (the newest, or `step`) to
+    RUN/students/NAME/export, in one process; the teacher must still be where the run's config says."""
+    from dinoforge.config import load_config
+    from dinoforge.launch import init_distributed
+    from pretrain.checkpoint import Checkpointer, ModelState
+
+    run_dir = Path(run_dir)
+    cfg = load_config(DistillConfig, run_dir / "config.yaml")
+    teacher, teacher_model = load_teacher(cfg.teacher, need_heads=cfg.objective == "dino")
+    meta = DistillMetaArch(cfg, teacher, teacher_model)
+    env, exported = init_distributed(), []
+    for student in cfg.students:
+        folder = run_dir / STUDENTS_DIR / student.name
+        checkpointer = Checkpointer(folder / "checkpoints")
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"{folder}: no complete checkpoint under checkpoints/ to export")
+        loaded = checkpointer.load({"model": ModelState(meta.units[student.name])}, step=step)
+        logger.info("loaded step %d of student %s", loaded, student.name)
+        exported.append(export_model(meta.units[student.name].exported(), student.model, folder / "export", env))
+    return exported

@@ -325,8 +325,14 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+# The batched photometric parameters stay on the CPU: `apply_photometric` reads them on the host to choose which
+# crops each operation touches, so a device copy would cost a blocking copy back every step.
+HOST_KEYS = ("global_photometric", "local_photometric")
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v
+            for k, v in batch.items()}
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(image_folder, teache
     run(distill_args(image_folder, tmp_path, "cut", teacher_run, [STUDENT_A, STUDENT_B], total_steps=6,
                      stop_after_steps=3))
     assert not (tmp_path / "cut" / "students" / "a" / "export").exists()
+    # `pretrain export` of the interrupted run: every student's EMA at its checkpoint of step 2
+    printed = run(["export", str(tmp_path / "cut"), "--step", "2"]).stdout.split()
+    assert printed == [str(tmp_path / "cut" / "students" / s / "export" / "teacher_backbone.safetensors")
+                       for s in ("a", "b")] and all(Path(p).is_file() for p in printed)
+    shutil.rmtree(tmp_path / "cut" / "students" / "a" / "export")
+    shutil.rmtree(tmp_path / "cut" / "students" / "b" / "export")
     run(distill_args(image_folder, tmp_path, "cut", teacher_run, [STUDENT_A, STUDENT_B], total_steps=6))
     for student in ("a", "b"):
         straight, cut = student_losses(tmp_path / "straight", student), student_losses(tmp_path / "cut", student)

@@ -216,3 +216,15 @@ def test_single_process_bf16_computes_in_bf16(image_folder, tmp_path):
     fp32 = Trainer(load_config(TrainConfig, CONFIG, tiny_overrides(image_folder, tmp_path, "fp32")))
     with fp32.autocast():
         assert fp32.meta.student["backbone"].blocks[0].attn.qkv(torch.randn(2, 192)).dtype == torch.float32
+
+
+def test_batched_photometric_parameters_stay_on_the_host():
+    """The crops go to the training device, their photometric parameters do not (apply_photometric plans on the
+    host: a device copy would be a blocking copy back every step)."""
+    from pretrain.train import _to_device
+
+    batch = {"global_crops": torch.zeros(2, 3, 4, 4), "global_photometric": torch.ones(2, 16),
+             "local_photometric": torch.ones(4, 16), "n_global_crops": 2}
+    out = _to_device(batch, torch.device("meta"))
+    assert out["global_crops"].device.type == "meta" and out["n_global_crops"] == 2
+    assert out["global_photometric"].device.type == out["local_photometric"].device.type == "cpu"
