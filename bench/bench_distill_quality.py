@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,11 +86,12 @@ def length_overrides(kind: str, base: list[str], steps: int) -> list[str]:
             f"optim.warmup_teacher_temp_steps={optim.warmup_teacher_temp_steps}"]
 
 
-def start(kind: str, base: list[str], steps: int, out: Path, name: str, cores: list[int] | None = None):
+def start(kind: str, base: list[str], steps: int, out: Path, name: str, cores: list[int] | None = None,
+          log_every: int = 10):
     """Start one `pretrain train|distill` through its CLI (pinned to `cores`, without a GPU, when given); -> a
     function that waits for it and returns the folder holding its export and its wall seconds."""
     overrides = [*base, *length_overrides(kind, base, steps), f"output_dir={out}", f"name={name}",
-                 "checkpoint_every=0", "log_every=10"]
+                 "checkpoint_every=0", f"log_every={log_every}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     pin = None
     if cores is not None:
@@ -115,13 +117,16 @@ def start(kind: str, base: list[str], steps: int, out: Path, name: str, cores: l
     return finish
 
 
-def start_all(runs: dict, steps: dict[str, int], out: Path, parallel: bool, cores_per_run: int) -> dict:
+def start_all(runs: dict, steps: dict[str, int], out: Path, parallel: bool, cores_per_run: int,
+              log_every: int = 10) -> dict:
     """Every run of `runs` (name -> (kind, overrides)) for its steps: side by side on their own cores (this process
     then keeps the cores left), or, run by run, when waited for; -> name -> its wait function."""
     if not parallel:
-        return {name: (lambda kind=kind, base=base, name=name: start(kind, base, steps[name], out, name)())
+        return {name: (lambda kind=kind, base=base, name=name: start(kind, base, steps[name], out, name,
+                                                                       log_every=log_every)())
                 for name, (kind, base) in runs.items()}
-    waits = {name: start(kind, base, steps[name], out, name, list(range(i * cores_per_run, (i + 1) * cores_per_run)))
+    waits = {name: start(kind, base, steps[name], out, name, list(range(i * cores_per_run, (i + 1) * cores_per_run)),
+                         log_every)
              for i, (name, (kind, base)) in enumerate(runs.items())}
     left = sorted(os.sched_getaffinity(0) - set(range(len(runs) * cores_per_run)))
     if left:
@@ -130,15 +135,16 @@ def start_all(runs: dict, steps: dict[str, int], out: Path, parallel: bool, core
     return waits
 
 
-def train_all(runs: dict, steps: dict[str, int], out: Path, parallel: bool, cores_per_run: int) -> dict:
+def train_all(runs: dict, steps: dict[str, int], out: Path, parallel: bool, cores_per_run: int,
+              log_every: int = 10) -> dict:
     """`start_all`, waited for; -> name -> (folder, wall seconds)."""
-    return {name: wait() for name, wait in start_all(runs, steps, out, parallel, cores_per_run).items()}
+    return {name: wait() for name, wait in start_all(runs, steps, out, parallel, cores_per_run, log_every).items()}
 
 
 def seconds_per_step(folder: Path) -> float:
-    """The median step time a run logged (start-up and the first steps' warm-up left out)."""
-    times = sorted(r["step_time_s"] for r in read_metrics(folder) if "step_time_s" in r and r["step"] >= 10)
-    return times[len(times) // 2]
+    """The median time of the steps a calibration run logged (every step; the first five, start-up and warm-up,
+    left out): robust to a few steps slowed by something else on the machine."""
+    return statistics.median(r["step_time_s"] for r in read_metrics(folder) if "step_time_s" in r and r["step"] >= 5)
 
 
 def main() -> None:
@@ -172,7 +178,7 @@ def main() -> None:
         steps = dict.fromkeys(runs, args.steps)
     else:
         calibration = train_all(runs, dict.fromkeys(runs, CALIBRATION_STEPS), out / "calibration", args.parallel,
-                                args.cores_per_run)
+                                args.cores_per_run, log_every=1)
         steps = {name: max(CALIBRATION_STEPS, round(args.minutes * 60 / seconds_per_step(folder)))
                  for name, (folder, _) in calibration.items()}
 
