@@ -25,6 +25,7 @@ from dinoforge.config import save_config
 from dinoforge.launch import DistributedEnv, init_distributed
 from dinoforge.models.attention import choose_backend
 from dinoforge.precision import autocast
+from dinoforge.run_lock import lock_run_folder
 from dinoforge.run_logging import setup_logging
 from evaluation.monitor import KnnMonitor
 from pretrain.checkpoint import (
@@ -45,6 +46,7 @@ from pretrain.run_length import resolve_epochs
 from pretrain.schedules import TrainingSchedules
 from pretrain.signal_watch import SignalWatch
 from pretrain.ssl_learner import build_pretraining
+from pretrain.step_gate import wait_at_gate
 from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
 from pretrain.train_config import RunConfig, TrainConfig
 
@@ -98,6 +100,7 @@ class Trainer:
         self.env = init_distributed()
         self.cfg = cfg = resolve_epochs(cfg, self.env.world_size)
         self.run_dir = cfg.run_dir
+        self.run_lock = lock_run_folder(self.run_dir, self.env.is_main)  # one writer per run folder (run.lock)
         if self.env.is_main:
             save_config(cfg, self.run_dir)
         setup_logging(self.run_dir / "logs" / f"rank{self.env.rank}.log", self.env.rank)
@@ -239,6 +242,7 @@ class Trainer:
                    desc="distill" if self.slots[0].learner.name else "train", dynamic_ncols=True)
         self.meta.train()
         while self.state.step < end:
+            wait_at_gate(cfg.step_gate_dir, self.state.step, env.is_main)  # tests: hold before a step
             t0 = time.perf_counter()
             micro = [apply_batch_photometric(_to_device(next(batches), env.device), cfg.data.multicrop)
                      for _ in range(accumulation)]

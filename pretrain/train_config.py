@@ -35,6 +35,7 @@ class RunConfig:
     max_consecutive_nonfinite: int = 5
     peak_tflops: float = 0.0  # 0: the GPU's data-sheet figure, or a measured matmul rate on CPU
     stop_after_steps: int = 0  # end this process after that many steps (tests: an interrupted run)
+    step_gate_dir: str = ""  # tests: before step s, wait while DIR/hold_<s> exists (pretrain.step_gate)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)

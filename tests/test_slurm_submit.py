@@ -1,5 +1,9 @@
 """Stages submitted through submitit to the local Slurm: a 2-task CPU pretraining job (ranks from Slurm through
-dinoforge.launch, gloo) gives the same losses as 2 processes under torchrun, and a requeued job resumes exactly."""
+dinoforge.launch, gloo) gives the same losses as 2 processes under torchrun, and a requeued job resumes exactly.
+
+No test races the job: each interruption happens while the job is held before a known step (`step_gate_dir`,
+pretrain.step_gate), and the test lets it go only once the requeued attempt stands at the same gate again (so the
+earlier attempt is gone)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pretrain.step_gate import at_path, hold_path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"
@@ -73,7 +79,7 @@ def latest_step(run_dir: Path) -> int:
 
 def wait_for(condition, job, submit, timeout: float, what: str) -> None:
     """Poll `condition()` every 0.2 s until true; the job must stay alive or be in requeue (checked every 2 s:
-    scontrol is a process, and the machine has 2 cores)."""
+    scontrol is a process, and the machine has 2 cores). The timeout only bounds a job that hangs."""
     deadline = time.monotonic() + timeout
     polls = 0
     while not condition():
@@ -85,31 +91,57 @@ def wait_for(condition, job, submit, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def gates(folder: Path, *steps: int) -> Path:
+    """A gate folder holding a run before each of `steps`."""
+    folder.mkdir()
+    for step in steps:
+        hold_path(folder, step).touch()
+    return folder
+
+
+def held_at(gate_dir: Path, step: int, job, submit, timeout: float = 400) -> None:
+    """Wait until the job stands before `step` (its checkpoint of `step` complete), then forget the sign."""
+    wait_for(at_path(gate_dir, step).exists, job, submit, timeout, f"the job held before step {step}")
+    at_path(gate_dir, step).unlink()
+
+
+def release_after_requeue(gate_dir: Path, step: int, job, submit, resumes: int) -> None:
+    """Once the requeued attempt has resumed (its `resumes`-th resume) and stands at the gate of `step` again, the
+    interrupted attempt is gone: let the job go on."""
+    log = job.paths.stderr
+    wait_for(lambda: at_path(gate_dir, step).exists() and log.read_text().count("resumed from step") >= resumes,
+             job, submit, 400, f"the requeued job back before step {step}")
+    assert f"resumed from step {step} " in log.read_text(), submit.log_tail(job)
+    hold_path(gate_dir, step).unlink()
+
+
 @pytest.mark.timeout(900)
 def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, image_folder, tmp_path):
-    """A 2-task job (two gloo ranks of one process group) interrupted twice: `scontrol requeue` (an operator's
-    requeue: the job is killed and queued again), then USR2 (what Slurm sends before preempting; submitit requeues
-    the job). Each time it resumes from the latest complete checkpoint, and it ends at its step count with the losses
-    of an uninterrupted 2-process torchrun run."""
-    common = {"total_steps": 14, "checkpoint_every": 1}
-    submit, folder, job = submit_training(tiny_overrides(image_folder, tmp_path, "preempted", **common))
+    """A 2-task job (two gloo ranks of one process group) interrupted twice: `scontrol requeue` before step 4 (an
+    operator's requeue: the job is killed and queued again), then USR2 before step 8 (what Slurm sends before
+    preempting; submitit requeues the job). Each time it resumes from the checkpoint of that step, and it ends at its
+    step count with the losses of an uninterrupted 2-process torchrun run."""
+    common = {"total_steps": 12, "checkpoint_every": 1}
+    gate_dir = gates(tmp_path / "gates", 4, 8)
+    submit, folder, job = submit_training(tiny_overrides(image_folder, tmp_path, "preempted", step_gate_dir=gate_dir,
+                                                         **common))
     assert folder == tmp_path / "preempted" / "slurm" and job.paths.folder == folder / job.job_id
     run_dir = tmp_path / "preempted"
-    wait_for(lambda: latest_step(run_dir) >= 2, job, submit, 400, "first checkpoints")
-    requeued_at = latest_step(run_dir)
+    held_at(gate_dir, 4, job, submit)
+    assert latest_step(run_dir) == 4
     subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
-    # held back cred_expire+1 s (11 s here), then run again: resumed once it checkpoints past what it had
-    wait_for(lambda: int(scontrol_field(job.job_id, "Restarts") or 0) >= 1, job, submit, 60, "requeue")
-    wait_for(lambda: job.paths.stderr.read_text().count("resumed from step") >= 1 and
-             latest_step(run_dir) >= requeued_at + 2, job, submit, 300, "resume after scontrol requeue")
-    assert latest_step(run_dir) < common["total_steps"] - 2, "the job ran out of steps before USR2: raise total_steps"
+    # held back cred_expire+1 s (11 s here), then run again: resumed from step 4, held there again
+    release_after_requeue(gate_dir, 4, job, submit, resumes=1)
+    held_at(gate_dir, 8, job, submit)
+    assert latest_step(run_dir) == 8
     job._interrupt()  # scancel --signal SIGTERM, then USR2: a preemption
+    release_after_requeue(gate_dir, 8, job, submit, resumes=2)
     states = submit.wait([job], timeout=500)
     assert states == {job.job_id: "COMPLETED"}, submit.log_tail(job)
-    assert int(scontrol_field(job.job_id, "Restarts")) >= 2
+    assert int(scontrol_field(job.job_id, "Restarts")) == 2
     assert "global_rank=1(2)" in job.paths.folder.joinpath(f"{job.job_id}_1_log.out").read_text()  # one job, 2 ranks
     log = job.paths.stderr.read_text()  # appended to by each attempt
-    assert log.count("resumed from step") >= 2, submit.log_tail(job)
+    assert log.count("resumed from step") == 2, submit.log_tail(job)
     torchrun(tiny_overrides(image_folder, tmp_path, "straight", **common))
     preempted, straight = losses(run_dir), losses(tmp_path / "straight")
     assert preempted.keys() == straight.keys() == set(range(common["total_steps"]))
@@ -127,28 +159,34 @@ def train_in_process(overrides: list[str], log: Path) -> subprocess.Popen:
 
 
 # Slurm checks limits every 30 s, so USR2 comes 25 to 55 s after a 1-minute job starts (`signal_delay_s=5` before the
-# limit, plus up to one check's period): the job must hold well over a minute of work. A step with its checkpoint
-# takes ~0.6 s on an idle 2-core machine (48 steps once finished inside the first minute there), so 150 steps need
-# two allocations or more.
-TIME_LIMITED_STEPS = 150
+# limit, plus up to one check's period). The job is held before step LIMIT_GATE until then, however fast it runs.
+TIME_LIMITED_STEPS = 20
+LIMIT_GATE = 10
 
 
 @pytest.mark.timeout(900)
 def test_time_limit_requeues_until_done_and_max_requeues_bounds_it(slurm_cluster, image_folder, tmp_path):
-    """`--timeout-min 1`: Slurm signals the job before its limit, submitit requeues it, it resumes from its latest
-    checkpoint each time and ends at its step count with the losses of an uninterrupted run; with `max_requeues=0`
-    the first time-out ends the job, saying why."""
+    """`--timeout-min 1`: Slurm signals the job before its limit (while it is held before step 10), submitit requeues
+    it, it resumes from that checkpoint and ends at its step count with the losses of an uninterrupted run; with
+    `max_requeues=0` the first time-out ends the job, saying why."""
     steps = TIME_LIMITED_STEPS
     common = {"total_steps": steps, "checkpoint_every": 1}
     limits = {"tasks_per_node": 1, "timeout_min": 1, "signal_delay_s": 5}
-    submit, _, job = submit_training(tiny_overrides(image_folder, tmp_path, "limited", **common), max_requeues=8,
-                                     **limits)
-    # far more work than one allocation holds: the first time-out must end it
-    _, _, bounded = submit_training(tiny_overrides(image_folder, tmp_path, "bounded", total_steps=20 * steps,
-                                                   checkpoint_every=1), max_requeues=0, **limits)
+    gate_dir = gates(tmp_path / "gates", LIMIT_GATE)
+    submit, _, job = submit_training(tiny_overrides(image_folder, tmp_path, "limited", step_gate_dir=gate_dir,
+                                                    **common), max_requeues=8, **limits)
+    # held before step 2 until its time runs out, never released: the first time-out must end it
+    bounded_gates = gates(tmp_path / "bounded_gates", 2)
+    _, _, bounded = submit_training(tiny_overrides(image_folder, tmp_path, "bounded", step_gate_dir=bounded_gates,
+                                                   total_steps=4, checkpoint_every=1), max_requeues=0, **limits)
     straight_log = tmp_path / "straight.log"
     straight = train_in_process(tiny_overrides(image_folder, tmp_path, "straight", **common), straight_log)
     try:
+        # released once the requeued attempt has resumed (the timed-out one is gone), wherever the first attempt
+        # stood when its time ran out: at the gate, or before it on a machine slower than 25 s for 10 steps
+        wait_for(lambda: job.paths.stderr.exists() and "resumed from step" in job.paths.stderr.read_text(), job,
+                 submit, 400, "the job requeued after its time limit")
+        hold_path(gate_dir, LIMIT_GATE).unlink()
         states = submit.wait([job, bounded], timeout=700)
         assert straight.wait(timeout=300) == 0, straight_log.read_text()[-3000:]
     finally:
@@ -157,9 +195,9 @@ def test_time_limit_requeues_until_done_and_max_requeues_bounds_it(slurm_cluster
             straight.wait(timeout=30)
     assert states[bounded.job_id] == "FAILED", submit.log_tail(bounded)
     assert "Job not requeued because: timed-out too many times" in bounded.paths.stderr.read_text()
+    assert latest_step(tmp_path / "bounded") <= 2  # it never passed its gate
     assert states[job.job_id] == "COMPLETED", submit.log_tail(job)
-    restarts = int(scontrol_field(job.job_id, "Restarts"))
-    assert restarts >= 1, f"the job finished within its first minute ({steps} steps)\n{submit.log_tail(job)}"
+    assert int(scontrol_field(job.job_id, "Restarts")) >= 1
     log = job.paths.stderr.read_text()
     assert "this job is timed-out" in log and "resumed from step" in log, submit.log_tail(job)
     limited, uninterrupted = losses(tmp_path / "limited"), losses(tmp_path / "straight")
