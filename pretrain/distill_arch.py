@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from dinoforge.models.config import ModelConfig, build_backbone
 from dinoforge.models.heads import DINOHead
 from pretrain.distill_config import DistillConfig, StudentConfig
-from pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
 from pretrain.losses.feature_distill import FeatureProjection, resample_patch_grid, token_distance
 from pretrain.losses.terms import StepOutputs, build_terms, weighted_total
 from pretrain.meta_arch import head_logits, target_entropies
@@ -106,7 +106,6 @@ class DistillMetaArch(nn.Module):
             torch.manual_seed(student_seed(cfg.seed, student.name))
             units[student.name] = StudentUnit(student, cfg.objective, teacher)
         self.units = nn.ModuleDict(units)
-        self.targets = DINOLoss(units[cfg.students[0].name].prototypes or 1)  # the teacher side: Sinkhorn-Knopp
 
     def train(self, mode: bool = True) -> DistillMetaArch:
         super().train(mode)
@@ -128,7 +127,7 @@ class DistillMetaArch(nn.Module):
         result = TeacherOutputs(students, out["x_norm_clstoken"], out["x_norm_patchtokens"], n_global, teacher_temp)
         if self.objective == "dino":
             logits = self.teacher["dino_head"](result.cls)
-            result.cls_targets = list(self.targets.sinkhorn_knopp_teacher(logits, teacher_temp).chunk(n_global))
+            result.cls_targets = list(sinkhorn_knopp(logits, teacher_temp).chunk(n_global))
         return result
 
     @torch.no_grad()
@@ -137,7 +136,7 @@ class DistillMetaArch(nn.Module):
         if side not in teacher.patch_targets:
             patches = resample_patch_grid(teacher.patches, side).flatten(0, 1)
             head = self.teacher["ibot_head"] if "ibot_head" in self.teacher else self.teacher["dino_head"]
-            teacher.patch_targets[side] = self.targets.sinkhorn_knopp_teacher(head(patches), teacher.teacher_temp)
+            teacher.patch_targets[side] = sinkhorn_knopp(head(patches), teacher.teacher_temp)
         return teacher.patch_targets[side]
 
     def student_loss(self, name: str, batch: dict, teacher: TeacherOutputs) -> tuple[Tensor, dict[str, Tensor]]:
