@@ -220,26 +220,47 @@ def _same_outputs(a: RunDir, b: RunDir) -> None:
     assert json.loads((a.shards / "index.json").read_text()) == json.loads((b.shards / "index.json").read_text())
 
 
+# `python -m curate` whose embed step stops after its first partition, says so in a file and waits to be killed: the
+# kill lands at a known point instead of racing the run
+_HELD_AFTER_ONE_PARTITION = """
+import sys, time
+from pathlib import Path
+from curate import store
+from curate.__main__ import main
+
+write = store.EmbeddingStore.write_partition
+
+def write_then_hold(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    Path(sys.argv[1]).write_text("held")
+    while True:
+        time.sleep(1)
+
+store.EmbeddingStore.write_partition = write_then_hold
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_killed_run_resumes_to_identical_outputs(inputs, reference):
-    """SIGKILL `python -m curate run` once some embedding partitions exist, run again: same manifest and shards."""
+    """SIGKILL `python -m curate run` once an embedding partition exists, run again: same manifest and shards."""
     runs_root = inputs["root"] / "runs_killed"
     cfg_path = _config(inputs, runs_root)
     run = RunDir(runs_root / "e2e")
-    proc = _cli(cfg_path, "run")
-    deadline = time.time() + 90
+    held = inputs["root"] / "held_after_one_partition"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_AFTER_ONE_PARTITION, str(held), "run", str(cfg_path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if list((run.root / "embeddings").glob("*/part-*.npy")) and not run.marker("embed").exists():
-                break
+        while not held.exists() and proc.poll() is None:
             time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()
+        assert proc.poll() is None, "the run ended before its first partition: " + proc.stdout.read().decode()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
     parts = list((run.root / "embeddings").glob("*/part-*.npy"))
-    assert parts and len(parts) < 4 and not run.marker("embed").exists()
+    assert len(parts) == 1 and not run.marker("embed").exists()
     again = _cli(cfg_path, "run")
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out.decode()[-3000:]

@@ -123,22 +123,22 @@ def test_parameter_draws_follow_the_configured_probabilities(jitter_p, hue_max, 
             assert float(rows[:, column].max()) > high - (high - low) / 20  # the whole range is used
 
 
-def test_batched_workers_do_a_fraction_of_the_per_image_work() -> None:
-    """The point of the batched path: the worker's share (crop, flip, draws) is well under the per-image cost."""
-    import time
-
+def test_batched_workers_leave_every_photometric_op_to_the_trainer() -> None:
+    """The point of the batched path: the worker crops, flips and draws, nothing more (the CPU it saves is measured
+    by bench/bench_augment.py, a ratio in one run; a test timing it would race the machine)."""
     with Image.open(image_files(imagenette_subset())[0]) as image:
         photo = image.convert("RGB")
-    sizes = {"global_crops_size": 112, "local_crops_size": 48, "local_crops_number": 8}
-    seconds = {}
-    for mode in ("per_image", "batched"):
-        aug = MultiCropAugmentation(MultiCropConfig(**sizes, photometric=mode))
-        aug(photo)
-        start = time.perf_counter()
-        for _ in range(20):
-            aug(photo)
-        seconds[mode] = time.perf_counter() - start
-    assert seconds["batched"] < seconds["per_image"] / 2.5, seconds
+    sizes = {"global_crops_size": 112, "local_crops_size": 48, "local_crops_number": 3}
+    aug = MultiCropAugmentation(MultiCropConfig(**sizes, photometric="batched"))
+
+    def refuse(_crop):
+        raise AssertionError("a photometric op ran in the worker")
+
+    aug.global1 = aug.global2 = aug.local = refuse
+    out = aug(photo)
+    assert [c.dtype for c in out["global_crops"] + out["local_crops"]] == [torch.uint8] * 5
+    assert [tuple(c.shape) for c in out["global_crops"]] == [(3, 112, 112)] * 2
+    assert out["global_photometric"].shape[0] == 2 and out["local_photometric"].shape[0] == 3
 
 
 def test_unknown_photometric_mode_and_bad_colour_values_are_refused() -> None:
