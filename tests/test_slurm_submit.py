@@ -204,3 +204,42 @@ def test_time_limit_requeues_until_done_and_max_requeues_bounds_it(slurm_cluster
     assert limited.keys() == uninterrupted.keys() == set(range(steps))
     for step in limited:
         np.testing.assert_allclose(limited[step], uninterrupted[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+@pytest.mark.timeout(900)
+def test_requeued_distillation_job_resumes_every_student_exactly(slurm_cluster, image_folder, tmp_path):
+    """`python -m slurm submit pretrain distill ...` requeued (`scontrol requeue`) while held before step 3: both
+    students resume from their step-3 checkpoints and end with the losses of an uninterrupted in-process run."""
+    from test_distill import DISTILL, STUDENT_A, STUDENT_B, student_losses, tiny
+
+    from slurm import submit
+    from slurm.profile import load_profile
+
+    teacher = train_in_process([*tiny(image_folder, tmp_path, "teacher"), "model.depth=2",
+                                "loss.dino_head.out_dim=64", "loss.dino_head.hidden_dim=32",
+                                "loss.dino_head.bottleneck_dim=16", "optim.warmup_teacher_temp_steps=1",
+                                "optim.freeze_last_layer_steps=1"], tmp_path / "teacher.log")
+    assert teacher.wait(timeout=300) == 0, (tmp_path / "teacher.log").read_text()[-3000:]
+    common = [f"teacher.weights={tmp_path / 'teacher'}", f"students=[{STUDENT_A},{STUDENT_B}]"]
+    gate_dir = gates(tmp_path / "gates", 3)
+    profile = load_profile("local", ["tasks_per_node=1"])
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _, jobs = submit.submit("pretrain", ["distill", str(DISTILL), *tiny(image_folder, tmp_path, "requeued", steps=6,
+                                                                       checkpoint_every=1, step_gate_dir=gate_dir),
+                                         *common], profile, cwd=str(REPO))
+    (job,) = jobs[0]
+    held_at(gate_dir, 3, job, submit)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=30)
+    release_after_requeue(gate_dir, 3, job, submit, resumes=1)
+    assert submit.wait([job], timeout=500) == {job.job_id: "COMPLETED"}, submit.log_tail(job)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("SLURM_CONF", None)
+    straight = subprocess.run([sys.executable, "-m", "pretrain", "distill", str(DISTILL),
+                               *tiny(image_folder, tmp_path, "straight", steps=6, checkpoint_every=1), *common],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for student in ("a", "b"):
+        requeued, uninterrupted = (student_losses(tmp_path / name, student) for name in ("requeued", "straight"))
+        assert requeued.keys() == uninterrupted.keys() == set(range(6))
+        for step in requeued:
+            np.testing.assert_allclose(requeued[step], uninterrupted[step], rtol=1e-6, err_msg=f"{student} {step}")
