@@ -3,8 +3,11 @@
     model = torch.hub.load("path/to/dinoforge", "dinov2_vits14_reg", source="local", weights="backbone.safetensors")
 
 `weights` is a local file in any layout `load_pretrained` reads (official hub .pth, DINOv2 training checkpoint, timm,
-Hugging Face, our safetensors export); without it the model is randomly initialised. Nothing is ever downloaded.
-Other keyword arguments go to the model constructor (e.g. img_size=224), as with the official hub.
+Hugging Face, our safetensors export), or a release folder (`python -m pretrain release`: its config.json builds the
+model, after its files are checked against SHA256SUMS); without it the model is randomly initialised. Nothing is
+ever downloaded. Other keyword arguments go to the model constructor (e.g. img_size=224), as with the official hub.
+
+    model = torch.hub.load("path/to/dinoforge", "release", source="local", weights="path/to/release")  # any release
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dinoforge.models.release_format import is_release, load_release, release_model_config
 from dinoforge.models.vision_transformer import DinoVisionTransformer, build_vit
 from dinoforge.models.weights import load_pretrained
 
@@ -25,6 +29,8 @@ _REGISTER_ARGS = {"num_register_tokens": 4, "interpolate_antialias": True, "inte
 
 def _backbone(arch: str, registers: bool, weights: str | os.PathLike | None, pretrained: bool,
               ignore_heads: bool, **kwargs) -> DinoVisionTransformer:
+    if weights is not None and Path(weights).is_dir() and is_release(weights):
+        return _official_release(arch, registers, weights, kwargs)
     if pretrained and weights is None:
         raise ValueError("this hub never downloads weights: pass weights=<local checkpoint path> "
                          "(e.g. a dinov2_*_pretrain.pth you downloaded, or our backbone.safetensors)")
@@ -38,6 +44,30 @@ def _backbone(arch: str, registers: bool, weights: str | os.PathLike | None, pre
     if weights is not None:
         load_pretrained(model, weights, ignore_heads=ignore_heads)
     return model
+
+
+def _official_release(arch: str, registers: bool, folder, kwargs: dict) -> DinoVisionTransformer:
+    """A release under an official entry name: it must hold that architecture (its config.json builds it)."""
+    model_cfg = release_model_config(folder)
+    wanted = (arch, 14, 4 if registers else 0)
+    held = (model_cfg.arch, model_cfg.patch_size, model_cfg.num_register_tokens)
+    if held != wanted:
+        raise ValueError(f"release {folder} holds {held[0]}/{held[1]} with {held[2]} registers, not this entry's "
+                         f"{wanted[0]}/{wanted[1]} with {wanted[2]}: load it with the generic entry "
+                         '`torch.hub.load(repo, "release", source="local", weights=...)`')
+    if kwargs:
+        raise ValueError(f"a release builds its model from its config.json: drop {sorted(kwargs)}")
+    return load_release(folder)
+
+
+def release(*, weights, **kwargs) -> DinoVisionTransformer:
+    """Any release folder written by `python -m pretrain release` (checked against its SHA256SUMS), in eval mode."""
+    if kwargs:
+        raise ValueError(f"a release builds its model from its config.json: drop {sorted(kwargs)}")
+    if not is_release(weights):
+        raise FileNotFoundError(f"weights={str(weights)!r} is not a release folder (no config.json of format "
+                                "dinoforge-release); `python -m pretrain release` writes one")
+    return load_release(weights)
 
 
 def dinov2_vits14(*, weights=None, pretrained: bool = False, ignore_heads: bool = False, **kwargs):

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--val data/val model.arch=vit_small model.patch_size=14 knn.ks=[10,20]",
     )
     parser.add_argument("task", choices=sorted(TASK_SCHEMAS), help="which evaluation to run")
-    parser.add_argument("--weights", help="weights file (.pth / .safetensors) or 'random' (sets model.weights)")
+    parser.add_argument("--weights", help="weights file (.pth / .safetensors), a pretrain run, export or release "
+                        "folder (a release is checked against its SHA256SUMS), or 'random' (sets model.weights)")
     parser.add_argument("--train", help="labelled train dataset: ImageFolder dir, file list, WebDataset tar(s)")
     parser.add_argument("--val", help="labelled dataset to report accuracy on (same kinds as --train)")
     parser.add_argument("--config", help="YAML file of config values (e.g. configs/eval/knn.yaml)")

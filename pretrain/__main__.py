@@ -1,5 +1,5 @@
 """Command line of the pretraining stage: `python -m pretrain train CONFIG [key=value ...]`, `distill CONFIG
-[key=value ...]`, `export RUN`, `plot RUN`."""
+[key=value ...]`, `export RUN`, `plot RUN`, `release SOURCE --out DIR`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Plot a run's metrics.jsonl: what a run that learns (or stalls) looks like.")
     plot.add_argument("run_dir", help="a pretrain run directory")
     plot.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
+    release = commands.add_parser(
+        "release", help="a release folder: backbone + heads (safetensors), config.json, hf/ (transformers), optional "
+                        "backbone.onnx, MODEL_CARD.md and SHA256SUMS, written atomically",
+        description="Release a pretrain run's model, a distillation run's students (each in DIR/NAME, or one with "
+                    "--student) or an export folder. Loaders (load_release, hubconf, evaluation --weights) check "
+                    "SHA256SUMS before loading.")
+    release.add_argument("source", help="a pretrain run, a distillation run or an export folder")
+    release.add_argument("--out", required=True, help="the release folder (must be empty or absent, or --force)")
+    release.add_argument("--name", default=None, help="the model's name in its card (default: the run's name)")
+    release.add_argument("--eval", nargs="*", default=[], metavar="RESULTS.json",
+                         help="evaluation results (python -m evaluation ... writes results_<task>.json) for the card; "
+                              "RUN/eval/results_*.json are found by themselves")
+    release.add_argument("--onnx", action="store_true", help="also write backbone.onnx, checked with onnxruntime")
+    release.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    release.add_argument("--student", default=None, help="a distillation run: release this student only")
+    release.add_argument("--license", default="other", help="the card's license id (Hugging Face front-matter)")
     args = parser.parse_args(argv)
     # After parsing: --help answers without importing torch.
     from dinoforge.data.errors import DatasetError
@@ -47,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.plot import plot_runs
 
             print("\n".join(str(path) for path in plot_runs(args.run_dir, args.out)))
+            return 0
+        if args.command == "release":
+            from pretrain.release import release
+
+            print("\n".join(str(p) for p in release(args.source, args.out, name=args.name, evals=args.eval,
+                                                      onnx=args.onnx, force=args.force, student=args.student,
+                                                      license_id=args.license)))
             return 0
         if args.command == "export":
             from pathlib import Path

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from dinoforge.models import load_heads, load_pretrained
-from dinoforge.models.export_reader import BACKBONE_FILE, HEADS_FILE, find_export
+from dinoforge.models.export_reader import read_model_folder
 from pretrain.meta_arch import SSLMetaArch
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,8 @@ def load_initial_weights(meta: SSLMetaArch, source: str | Path) -> None:
 def _resolve(source: Path) -> tuple[Path, Path | None]:
     if source.is_file():
         return source, None
-    folder = find_export(source)
-    heads = folder / HEADS_FILE
-    return folder / BACKBONE_FILE, heads if heads.is_file() else None
+    folder = read_model_folder(source)
+    return folder.backbone, folder.heads
 
 
 def _load_heads(side: nn.ModuleDict, heads: dict, source: Path) -> None:

@@ -1,5 +1,5 @@
 """The jobs of `python -m pretrain ARGS` on a cluster (see dinoforge.jobs): training and distillation as one
-multi-node multi-task job each, export as one single-task job."""
+multi-node multi-task job each, export and release as one single-task job each."""
 
 from __future__ import annotations
 
@@ -33,14 +33,19 @@ def _export(argv: list[str]) -> tuple[Path, list[JobSpec]]:
     return Path(argv[1]), [JobSpec("pretrain-export", [argv], multi_task=False)]
 
 
+def _release(argv: list[str]) -> tuple[Path, list[JobSpec]]:
+    return Path(argv[1]), [JobSpec("pretrain-release", [argv], multi_task=False)]
+
+
 COMMANDS: dict[str, Callable[[list[str]], tuple[Path, list[JobSpec]]]] = {
-    "train": _train, "distill": _distill, "export": _export}
+    "train": _train, "distill": _distill, "export": _export, "release": _release}
 
 
 def plan_jobs(args: list[str]) -> tuple[Path, list[JobSpec]]:
-    """`[COMMAND] CONFIG|RUN [overrides]`; without a command, `train` (the stage's main job)."""
+    """`[COMMAND] CONFIG|RUN [overrides]`; without a command, `train` (the stage's main job). Export and release
+    keep their job logs in RUN/slurm."""
     argv = args if args[:1] and args[0] in COMMANDS else ["train", *args]
     if len(argv) < 2:
-        raise ValueError(f"pretrain {argv[0]} needs a CONFIG (or RUN for export): python -m slurm submit pretrain "
-                         f"{argv[0]} CONFIG [key=value ...]")
+        raise ValueError(f"pretrain {argv[0]} needs a CONFIG (or RUN for export and release): python -m slurm "
+                         f"submit pretrain {argv[0]} CONFIG [key=value ...]")
     return COMMANDS[argv[0]](argv)

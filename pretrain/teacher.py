@@ -1,10 +1,10 @@
-"""A distillation teacher from anywhere: a pretrain run or its export, a distillation run or one of its students, or a
-bare weights file in any layout `load_pretrained` reads (official hub, DINOv2 training checkpoint, timm, Hugging
-Face). Its backbone (and its DINO/iBOT heads, when the source has them) are loaded strictly, frozen, in eval mode."""
+"""A distillation teacher from anywhere: a pretrain run or its export, a distillation run or one of its students, a
+release folder (checked against its SHA256SUMS), or a bare weights file in any layout `load_pretrained` reads (official
+hub, DINOv2 training checkpoint, timm, Hugging Face). Its backbone (and its DINO/iBOT heads, when the source has them)
+are loaded strictly, frozen, in eval mode."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, fields
@@ -17,7 +17,7 @@ from dinoforge.config import ConfigError
 from dinoforge.errors import CheckpointError
 from dinoforge.models import DINOHead, load_heads, load_pretrained
 from dinoforge.models.config import ModelConfig, build_backbone
-from dinoforge.models.export_reader import BACKBONE_FILE, HEADS_FILE, MODEL_CONFIG_FILE, find_export
+from dinoforge.models.export_reader import read_model_folder
 from pretrain.distill_config import TeacherConfig
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,10 @@ def resolve_teacher(cfg: TeacherConfig) -> TeacherSource:
     if (path / STUDENTS_DIR).is_dir() and (path / "config.yaml").is_file():
         path = _distill_student_folder(path, cfg.student)
     try:
-        folder = find_export(path)
+        folder = read_model_folder(path)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"teacher.weights: {err}") from None
-    model = ModelConfig(**json.loads((folder / MODEL_CONFIG_FILE).read_text()))
-    heads = folder / HEADS_FILE
-    return TeacherSource(folder / BACKBONE_FILE, heads if heads.is_file() else None, model, str(path))
+    return TeacherSource(folder.backbone, folder.heads, folder.model, str(path))
 
 
 def _head_from_state(state: dict[str, Tensor], in_dim: int) -> DINOHead:

@@ -41,6 +41,13 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2 * size**3 / best
 
 
+def device_name(device: torch.device) -> str:
+    """What a run ran on, for its metrics and model card: the GPU's name, or the CPU and its torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
 def datasheet_peak(device: torch.device, precision: str = "fp32") -> float | None:
     """The data-sheet peak FLOP/s of a known GPU, else None."""
     if device.type == "cuda":

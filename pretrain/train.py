@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from dinoforge.config import save_config
 from dinoforge.launch import DistributedEnv, init_distributed
 from dinoforge.models.attention import choose_backend
 from dinoforge.precision import autocast
+from dinoforge.provenance import code_version
 from dinoforge.run_lock import lock_run_folder
 from dinoforge.run_logging import setup_logging
 from evaluation.monitor import KnnMonitor
@@ -47,7 +49,7 @@ from pretrain.schedules import TrainingSchedules
 from pretrain.signal_watch import SignalWatch
 from pretrain.ssl_learner import build_pretraining
 from pretrain.step_gate import wait_at_gate
-from pretrain.throughput import Throughput, datasheet_peak, measure_matmul_peak, peak_memory_gib
+from pretrain.throughput import Throughput, datasheet_peak, device_name, measure_matmul_peak, peak_memory_gib
 from pretrain.train_config import RunConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -224,15 +226,22 @@ class Trainer:
         model_cfg = self.models.learners[0].model_cfg
         backend, why = choose_backend(model_cfg.attn_backend, env.device, compute_dtype(cfg.precision))
         for slot in self.slots:
-            facts = {"attention_backend": backend, "attention_reason": why}
+            # what the model card reports about the run's compute and code (`python -m pretrain release`)
+            facts = {"attention_backend": backend, "attention_reason": why, "device": device_name(env.device),
+                     "world_size": env.world_size, "precision": cfg.precision,
+                     "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "dinoforge_commit": code_version()["commit"]}
             if slot.learner.prototypes:  # K of the watched targets: `pretrain plot` draws log K from it
                 facts["prototypes"] = slot.learner.prototypes
             slot.metrics.note(self.state.step, facts)
         accumulation = cfg.optim.accumulation_steps
-        loader, _ = build_pretrain_loader_from_config(self.models.data or cfg.data, rank=env.rank,
-                                                      world=env.world_size, seed=cfg.seed,
-                                                      start_step=self.state.step * accumulation,
-                                                      patch_size=model_cfg.patch_size)
+        loader, sampler = build_pretrain_loader_from_config(self.models.data or cfg.data, rank=env.rank,
+                                                            world=env.world_size, seed=cfg.seed,
+                                                            start_step=self.state.step * accumulation,
+                                                            patch_size=model_cfg.patch_size)
+        if sampler is not None:  # streamed shards have no length
+            for slot in self.slots:
+                slot.metrics.note(self.state.step, {"dataset_images": sampler.dataset_len})
         batches = iter(loader)
         throughput: Throughput | None = None
         end = cfg.total_steps

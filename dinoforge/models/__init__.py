@@ -20,6 +20,7 @@ _HOMES = {
     "export_official": "dinoforge.models.weights",
     "load_heads": "dinoforge.models.weights",
     "load_pretrained": "dinoforge.models.weights",
+    "load_release": "dinoforge.models.release_format",
     "save_safetensors": "dinoforge.models.weights",
     "train_step_flops": "dinoforge.models.flops",
     "vit_base": "dinoforge.models.vision_transformer",

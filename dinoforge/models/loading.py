@@ -1,5 +1,5 @@
-"""A backbone from a weights source, for every stage that uses a trained (or random) ViT: a pretrain run or export
-directory (its model.json sets the architecture), a weights file in any layout `load_pretrained` reads, or
+"""A backbone from a weights source, for every stage that uses a trained (or random) ViT: a pretrain run, export or
+release directory (its own model config sets the architecture), a weights file in any layout `load_pretrained` reads, or
 `random` for a seeded random init. One place learns new kinds of sources."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from dinoforge.config import ConfigError
 from dinoforge.hashing import file_sha256
 from dinoforge.models.config import PretrainedModelConfig, build_backbone
-from dinoforge.models.export_reader import BACKBONE_FILE, find_export, load_exported_backbone
+from dinoforge.models.export_reader import load_exported_backbone, read_model_folder
 from dinoforge.models.weights import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ RANDOM_WEIGHTS = "random"
 
 
 def is_run_directory(weights: str) -> bool:
-    """A pretrain run or export directory: its model.json sets the architecture, the config's fields are unused."""
+    """A pretrain run, export or release directory: its own model config sets the architecture, the config's fields
+    are unused."""
     return weights != RANDOM_WEIGHTS and bool(weights) and Path(weights).expanduser().is_dir()
 
 
@@ -48,7 +49,7 @@ def load_backbone(cfg: PretrainedModelConfig, key: str = "model.weights",
     `interpolate_pos_embed` resizes a file's position grid to `cfg.img_size` (official weights carry 518 px)."""
     weights, seed = cfg.weights, cfg.seed
     if is_run_directory(weights):
-        logger.info("built the teacher backbone of pretrain run %s", weights)
+        logger.info("built the backbone of %s", weights)
         return load_exported_backbone(weights)
     if weights == RANDOM_WEIGHTS:
         # fork_rng: a random-init backbone depends on `seed` only, and the caller's RNG stream is left as it was.
@@ -67,7 +68,7 @@ def load_backbone(cfg: PretrainedModelConfig, key: str = "model.weights",
 def weights_fingerprint(cfg: PretrainedModelConfig, key: str = "model.weights") -> str:
     """Identifies a backbone's parameters: sha256 of the weights file, or the random-init recipe."""
     if is_run_directory(cfg.weights):
-        return "sha256:" + file_sha256(find_export(cfg.weights) / BACKBONE_FILE)
+        return "sha256:" + file_sha256(read_model_folder(cfg.weights, verify=False).backbone)
     if cfg.weights == RANDOM_WEIGHTS:
         recipe = {k: v for k, v in asdict(cfg).items() if k != "weights"}
         return "random:" + hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:16]
