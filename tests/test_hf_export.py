@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_weights import randomise
 from torch import nn
 
 from dinoforge.models.hf_export import hf_config, official_to_hf, write_hf_folder
@@ -25,14 +26,6 @@ def small_vit(patch: int = 14, registers: int = 0, ffn: str = "mlp", layerscale:
                                  num_register_tokens=registers, ffn_layer=ffn, init_values=layerscale,
                                  **kwargs).eval()
 
-
-def randomise(module: nn.Module, seed: int) -> nn.Module:
-    """Every parameter random, so that LayerScale, norms, biases and tokens cannot hide a swapped or dropped tensor."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return module
 
 
 def load_hf(folder):

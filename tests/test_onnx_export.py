@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from test_weights import randomise
 
 import pretrain.onnx_export as onnx_export
 from dinoforge.models.vision_transformer import DinoVisionTransformer
@@ -22,14 +22,6 @@ def small_vit(patch: int = 14, registers: int = 0, **kwargs) -> DinoVisionTransf
                                   num_register_tokens=registers, init_values=1.0, **kwargs).eval()
     return randomise(model, seed=patch + registers)
 
-
-def randomise(module: nn.Module, seed: int) -> nn.Module:
-    """Every parameter random (init leaves LayerScale, norms and tokens nearly constant, which would hide errors)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return module
 
 
 @pytest.fixture
