@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
+from bench.headline import headline  # noqa: E402
 from dinoforge.config import load_config  # noqa: E402
 from dinoforge.data.datasets import build_dataset  # noqa: E402
 from dinoforge.data.transforms import EvalTransformConfig, make_eval_transform  # noqa: E402
@@ -138,6 +139,9 @@ def run(root: Path, out: Path, steps: int | None, curve_every: int = 0, changes:
     knn = result["knn_k20"]
     result["trained_minus_random"] = knn["trained"] - knn["random_init"]
     result["trained_minus_pixels"] = knn["trained"] - knn[f"pixels_{PIXEL_SIDE}"]
+    result["headline"] = headline(f"k-NN (k={K}) top-1 on val, cpu_tiny trained {cfg.total_steps} steps / raw pixels",
+                                  knn["trained"] / knn[f"pixels_{PIXEL_SIDE}"],
+                                  f"raw {PIXEL_SIDE}x{PIXEL_SIDE} pixels, same crop, k and vote")
     if curve_every:
         result["curve"], monitor_seconds = knn_curve(run_dir)
         result["monitor_s"] = round(monitor_seconds, 1)

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 from bench.bench_cpu_recipe import DEFAULT_DATA  # noqa: E402
+from bench.headline import headline  # noqa: E402
 from dinoforge.config import load_config  # noqa: E402
 from pretrain.distill_config import DistillConfig  # noqa: E402
 from pretrain.metrics import read_metrics  # noqa: E402
@@ -81,6 +82,8 @@ def main() -> None:
         "together_student_images_per_s": round(student_images / together, 1),
         "alone_student_images_per_s": round(student_images / sum(alone.values()), 1),
         "speedup_together_vs_alone": round(sum(alone.values()) / together, 3),
+        "headline": headline(f"student-images/s, {len(DEPTHS)} students under one teacher pass",
+                             sum(alone.values()) / together, f"{len(DEPTHS)} one-student runs of the same students"),
     }
     print(json.dumps(result, indent=1))
 

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 from bench.bench_cpu_recipe import DEFAULT_DATA, PIXEL_SIDE, backbone_knn, pixel_knn  # noqa: E402
+from bench.headline import headline  # noqa: E402
 from dinoforge.config import load_config  # noqa: E402
 from dinoforge.models.config import ModelConfig  # noqa: E402
 from pretrain.distill_config import DistillConfig  # noqa: E402
@@ -206,6 +207,9 @@ def main() -> None:
         if name.startswith("distill_"):
             result[f"{name}_over_teacher"] = round(knn[name] / knn["teacher"], 4)
             result[f"{name}_minus_scratch"] = round(knn[name] - knn["scratch"], 2)
+    first = next(name for name in runs if name.startswith("distill_"))
+    result["headline"] = headline(f"k-NN top-1 of the student, {first} / pretrained from scratch (equal time)",
+                                  knn[first] / knn["scratch"], "the same student pretrained from scratch, same time")
     print(json.dumps(result, indent=1))
 
 

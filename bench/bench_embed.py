@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.headline import headline  # noqa: E402
 from curate.embed import EmbedConfig, build_embedder, decode_image, embed_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,8 @@ def main() -> None:
         "decode_only_images_per_s": round(len(images) / decode_s, 1),
         "embed_images_per_s": round(len(images) / embed_s, 1),
         "ratio_embed_over_decode": round(decode_s / embed_s, 3),
+        "headline": headline(f"{embedder.name} embedding rate / decode-only rate (1.0: decoding is the bottleneck)",
+                             decode_s / embed_s, "decoding alone, same images, threads and draft size"),
     }))
 
 

@@ -58,8 +58,10 @@ from pretrain.throughput import datasheet_peak, measure_matmul_peak
 from pretrain.train_config import TrainConfig
 
 try:  # run as a script, bench/ is on sys.path; imported by the tests, bench is a namespace package
+    from headline import geometric_mean, headline
     from step_profile import PhaseTimer, markdown, profile_step
 except ImportError:
+    from bench.headline import geometric_mean, headline
     from bench.step_profile import PhaseTimer, markdown, profile_step
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
@@ -455,6 +457,21 @@ def bench_model(name: str, images: int, rounds: int, device: torch.device, varia
     return out
 
 
+def train_headline(results: dict) -> dict:
+    """Our step's MFU over the timm ViT's, the geometric mean over the models where both were timed; without a timm
+    figure, our speed-up over the unpacked step."""
+    for key, what, baseline in (("mfu_ratio_vs_timm", "MFU of our SSL step / timm DINOv2 ViT forward+backward",
+                                 "a plain timm ViT step on the same crops"),
+                                ("speedup_vs_unpacked", "speed of our SSL step / the same step unpacked",
+                                 "our step without sequence packing and efficient stochastic depth")):
+        found = {name: r[key] for name, r in results.items() if key in r}
+        if found:
+            return headline(f"{what}, geometric mean over {', '.join(found)}", geometric_mean(found.values()),
+                            baseline)
+    return headline("MFU of our SSL step / timm ViT: not measured (no variant pair timed)", None,
+                    "a plain timm ViT step on the same crops")
+
+
 def write_profiles(results: dict, out_dir: Path) -> None:
     """profile.json (every model's and variant's profile) and profile.md (their tables) in `out_dir`."""
     found = {f"{model} {VARIANTS[v]}": entry["profile"] for model, section in results.items()
@@ -511,7 +528,7 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "timing": "interleaved" if interleaved else "sequential",
-              "rounds": args.rounds, "results": results}
+              "rounds": args.rounds, "results": results, "headline": train_headline(results)}
     if args.profile is not None:
         write_profiles(results, args.profile)
     text = json.dumps(report, indent=2)

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinoforge.data.dataset_spec import detect_kind, shard_paths, split_kind_prefix
-from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image
+from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image, log_decoder
 from dinoforge.data.error_counter import DecodeErrorCounter
 from dinoforge.data.errors import DatasetError
 from dinoforge.data.file_sources import FileListSource, FlatFolderSource, ImageFolderSource
@@ -134,6 +134,7 @@ def build_dataset(
     folder is taken only without `labels_required`."""
     source = build_source(spec, labels_required)
     logger.info("dataset: %s", source.describe())
+    log_decoder()  # here, before data workers fork, so that the run logs it once
     return ImageDataset(source, transform, with_labels, max_pixels, policy)
 
 

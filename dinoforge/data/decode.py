@@ -10,16 +10,22 @@ all decode through `decode_image` with `DEFAULT_POLICY`, so one file gives the s
   - only the formats and modes of `dinoforge.data.formats` are taken (what curation's ingest accepts by default),
     a multi-frame file (GIF, TIFF, MPO) as its first frame.
 A stage that truly needs another behaviour passes another `DecodePolicy`, never a second decoder. This module is
-torch-free: curate's ingest workers import it.
+torch-free: curate's ingest workers import it. Every process that decodes logs once which PIL build it decodes with
+(`decoder_name`: pillow, or pillow-simd after `make simd`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import io
+import logging
 import threading
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dinoforge.data.formats import DECODABLE_FORMATS, DECODABLE_MODES, JPEG_FORMATS, SIXTEEN_BIT_MODES
@@ -29,6 +35,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 ALPHA_MODES = ("white", "drop")
 _EXIF_ORIENTATION = 0x0112
 _PIL_LIMIT_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     """
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
+    log_decoder()
     raise_pil_limit(max_pixels)
     try:
         with warnings.catch_warnings():
@@ -109,6 +117,34 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageDecodeError(_unidentified(data)) from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) for bad headers
         raise ImageDecodeError(f"not an image: {short_error(err)}") from None
+
+
+def pil_distributions() -> dict[str, str]:
+    """name -> version of the pillow distributions recorded beside the imported `PIL` package (its site dir)."""
+    site = str(Path(PIL.__file__).resolve().parent.parent)
+    found = {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions(path=[site])}
+    return {name: version for name, version in found.items() if name in ("pillow", "pillow-simd")}
+
+
+def decoder_name() -> str:
+    """`pillow-simd X` or `pillow X`: the PIL build this process decodes (and resizes) with.
+
+    Both install the same `PIL` package, so the import alone does not say which. pillow-simd numbers every release
+    `<pillow version>.postN` (pillow never publishes .post releases); a pillow-simd record beside PIL with the running
+    version counts too (a build from a git checkout may lack the suffix). Its record alone does not: pip installing
+    pillow over pillow-simd (`make venv` does) overwrites the files and leaves both records.
+    """
+    version = PIL.__version__
+    simd = ".post" in version or pil_distributions().get("pillow-simd") == version
+    return f"{'pillow-simd' if simd else 'pillow'} {version}"
+
+
+@functools.cache
+def log_decoder() -> str:
+    """Log `decoder_name()` once per process (data workers forked after the first call inherit the cache)."""
+    name = decoder_name()
+    logger.info("images decoded with %s", name)
+    return name
 
 
 def format_problem(fmt: str | None, formats: tuple[str, ...] | list[str]) -> str | None:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from dinoforge.collectives import current_rank, current_world_size
 from dinoforge.data.dataset_spec import shard_paths
-from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image
+from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image, log_decoder
 from dinoforge.data.error_counter import DecodeErrorCounter
 from dinoforge.data.formats import image_member, label_member
 from dinoforge.data.tar_shards import parse_label
@@ -140,6 +140,7 @@ class DecodeStage:
         self.policy = policy
         self.counter = counter
         self.as_dict = as_dict
+        log_decoder()  # in the process that builds the pipeline, before data workers fork
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[Any]:
         skipped = 0
