@@ -169,7 +169,7 @@ def main() -> None:
         out["headline"] = headline(f"multi-crop worker CPU ms an image, {comparison['pillow']} / "
                                    f"{comparison['pillow_simd']} (shipped photometric, geometric mean over "
                                    f"{len(speedups)} recipes)", geometric_mean(speedups.values()),
-                                   f"{comparison['pillow']} in a second process, same images and draws")
+                                   f"{comparison['pillow']} on the same images and draws (one process each, this run)")
     else:
         out["headline"] = headline(f"multi-crop worker CPU ms an image, per_image / batched photometric (geometric "
                                    f"mean over {len(results)} recipes; {out['decoder']})",
