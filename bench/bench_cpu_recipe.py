@@ -24,21 +24,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 from bench.headline import headline  # noqa: E402
 from dinoforge.config import load_config  # noqa: E402
-from dinoforge.data.datasets import build_dataset  # noqa: E402
-from dinoforge.data.transforms import EvalTransformConfig, make_eval_transform  # noqa: E402
+from dinoforge.data.transforms import EvalTransformConfig  # noqa: E402
 from dinoforge.models.config import ModelConfig  # noqa: E402
+from dinoforge.models.pixel_baseline import PIXEL_SIDE, PIXELS_WEIGHTS  # noqa: E402
 from evaluation.config import BackboneConfig, KnnEvalConfig  # noqa: E402
 from evaluation.evaluate import run_evaluation  # noqa: E402
-from evaluation.knn import knn_classify  # noqa: E402
 from pretrain.metrics import read_metrics  # noqa: E402
 from pretrain.run_length import scale_schedule  # noqa: E402
 from pretrain.train_config import TrainConfig  # noqa: E402
@@ -46,7 +41,6 @@ from pretrain.train_config import TrainConfig  # noqa: E402
 RECIPE = REPO / "configs" / "pretrain" / "cpu_tiny.yaml"
 CACHE = Path(os.environ.get("DINOFORGE_CACHE", Path.home() / ".cache" / "dinoforge"))
 DEFAULT_DATA = CACHE / "data" / "imagenette2-224"  # where the tests unpack the shared Imagenette
-PIXEL_SIDE = 16
 K = 20
 
 
@@ -71,21 +65,9 @@ def backbone_knn(model: ModelConfig, weights: str, train: str, val: str, out: Pa
     return run_evaluation(eval_config(model, weights, train, val, out, workers)).metrics[f"top1_k{K}"]
 
 
-def pixel_features(spec: str, transform: EvalTransformConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The evaluation crop of every image averaged down to PIXEL_SIDE^2 x 3 values, and the labels."""
-    dataset = build_dataset(spec, transform=make_eval_transform(transform), with_labels=True)
-    features, labels = [], []
-    for images, targets in DataLoader(dataset, batch_size=256, num_workers=2):
-        features.append(F.adaptive_avg_pool2d(images, PIXEL_SIDE).flatten(1))
-        labels.append(targets)
-    return F.normalize(torch.cat(features), dim=1), torch.cat(labels)
-
-
-def pixel_knn(model: ModelConfig, train: str, val: str) -> float:
-    """k-NN top-1 (%) of raw pixels, with the backbones' crop and the same k and vote."""
-    bank, bank_labels = pixel_features(train, eval_transform(model))
-    queries, query_labels = pixel_features(val, eval_transform(model))
-    return 100.0 * (knn_classify(bank, bank_labels, queries, k=K) == query_labels).float().mean().item()
+def pixel_knn(model: ModelConfig, train: str, val: str, out: Path) -> float:
+    """k-NN top-1 (%) of raw pixels (evaluation's `pixels` weights): the backbones' crop, k and vote."""
+    return backbone_knn(model, PIXELS_WEIGHTS, train, val, out)
 
 
 def schedule_overrides(cfg: TrainConfig, steps: int) -> list[str]:
@@ -135,7 +117,7 @@ def run(root: Path, out: Path, steps: int | None, curve_every: int = 0, changes:
     result = {"recipe": "cpu_tiny", "changes": list(changes), "steps": cfg.total_steps, "train_s": round(seconds, 1),
               "knn_k20": {"trained": backbone_knn(cfg.model, str(run_dir), train, val, out / "eval_trained"),
                           "random_init": backbone_knn(cfg.model, "random", train, val, out / "eval_random"),
-                          f"pixels_{PIXEL_SIDE}": pixel_knn(cfg.model, train, val)}}
+                          f"pixels_{PIXEL_SIDE}": pixel_knn(cfg.model, train, val, out / "eval_pixels")}}
     knn = result["knn_k20"]
     result["trained_minus_random"] = knn["trained"] - knn["random_init"]
     result["trained_minus_pixels"] = knn["trained"] - knn[f"pixels_{PIXEL_SIDE}"]

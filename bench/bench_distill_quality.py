@@ -189,7 +189,7 @@ def main() -> None:
     teacher_model = ModelConfig(**json.loads((export / "model.json").read_text()))
     knn = {"teacher": backbone_knn(teacher_model, str(args.teacher), train_split, val, out / "eval_teacher"),
            "student_random_init": backbone_knn(student, "random", train_split, val, out / "eval_random"),
-           f"pixels_{PIXEL_SIDE}": pixel_knn(student, train_split, val)}
+           f"pixels_{PIXEL_SIDE}": pixel_knn(student, train_split, val, out / "eval_pixels")}
     result: dict = {"teacher": str(args.teacher), "minutes": args.minutes, "parallel": args.parallel, "runs": {},
                     "knn_k20": knn, "student": {"arch": student.arch, "depth": student.depth,
                                                 "patch_size": student.patch_size}}

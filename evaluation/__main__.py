@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("task", choices=sorted(TASK_SCHEMAS), help="which evaluation to run")
     parser.add_argument("--weights", help="weights file (.pth / .safetensors), a pretrain run, export or release "
-                        "folder (a release is checked against its SHA256SUMS), or 'random' (sets model.weights)")
+                        "folder (a release is checked against its SHA256SUMS), 'random' (a seeded random init of "
+                        "model.*) or 'pixels' (the raw-pixel baseline: the crop averaged to 16x16x3); sets "
+                        "model.weights")
     parser.add_argument("--train", help="labelled train dataset: ImageFolder dir, file list, WebDataset tar(s)")
     parser.add_argument("--val", help="labelled dataset to report accuracy on (same kinds as --train)")
     parser.add_argument("--config", help="YAML file of config values (e.g. configs/eval/knn.yaml)")

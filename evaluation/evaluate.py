@@ -23,6 +23,7 @@ from dinoforge.data.transforms import make_eval_transform
 from dinoforge.launch import resolve_device
 from dinoforge.models.export_reader import exported_model_config
 from dinoforge.models.loading import RANDOM_WEIGHTS, is_run_directory, load_backbone, weights_fingerprint
+from dinoforge.models.pixel_baseline import PIXELS_WEIGHTS
 from evaluation.config import (
     TASK_SCHEMAS,
     BackboneConfig,
@@ -106,7 +107,10 @@ def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
 
 def loaded_model_facts(model_cfg: BackboneConfig, model: nn.Module) -> dict:
     """The architecture that was evaluated. A pretrain run directory brings its own model config (its export's
-    model.json), which replaces the evaluation config's architecture fields: report the run's, not those."""
+    model.json), which replaces the evaluation config's architecture fields: report the run's, not those. The
+    raw-pixel baseline is no ViT: its arch is `pixels`."""
+    if model_cfg.weights == PIXELS_WEIGHTS:
+        return {"arch": PIXELS_WEIGHTS, "patch_size": model.patch_size, "depth": 0, "num_register_tokens": 0}
     built = exported_model_config(model_cfg.weights) if is_run_directory(model_cfg.weights) else model_cfg
     return {"arch": built.arch, "patch_size": model.patch_size, "depth": len(model.blocks),
             "num_register_tokens": built.num_register_tokens}

@@ -1,6 +1,6 @@
 """A backbone from a weights source, for every stage that uses a trained (or random) ViT: a pretrain run, export or
 release directory (its own model config sets the architecture), a weights file in any layout `load_pretrained` reads, or
-`random` for a seeded random init. One place learns new kinds of sources."""
+`random` for a seeded random init, or `pixels` for the raw-pixel baseline. One place learns new kinds of sources."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dinoforge.config import ConfigError
 from dinoforge.hashing import file_sha256
 from dinoforge.models.config import PretrainedModelConfig, build_backbone
 from dinoforge.models.export_reader import load_exported_backbone, read_model_folder
+from dinoforge.models.pixel_baseline import PIXELS_WEIGHTS, pixel_baseline, pixel_fingerprint
 from dinoforge.models.weights import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ RANDOM_WEIGHTS = "random"
 def is_run_directory(weights: str) -> bool:
     """A pretrain run, export or release directory: its own model config sets the architecture, the config's fields
     are unused."""
-    return weights != RANDOM_WEIGHTS and bool(weights) and Path(weights).expanduser().is_dir()
+    return weights not in (RANDOM_WEIGHTS, PIXELS_WEIGHTS) and bool(weights) and Path(weights).expanduser().is_dir()
 
 
 def weights_file(weights: str, key: str = "model.weights") -> Path:
@@ -37,7 +38,8 @@ def weights_file(weights: str, key: str = "model.weights") -> Path:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path} ({key} takes a .pth or .safetensors file, a "
-                                f"pretrain run directory, or '{RANDOM_WEIGHTS}' for a random init)")
+                                f"pretrain run directory, '{RANDOM_WEIGHTS}' for a random init or "
+                                f"'{PIXELS_WEIGHTS}' for raw pixels)")
     return path
 
 
@@ -48,6 +50,9 @@ def load_backbone(cfg: PretrainedModelConfig, key: str = "model.weights",
 
     `interpolate_pos_embed` resizes a file's position grid to `cfg.img_size` (official weights carry 518 px)."""
     weights, seed = cfg.weights, cfg.seed
+    if weights == PIXELS_WEIGHTS:
+        logger.info("raw-pixel baseline: no network, the image averaged down to a grid")
+        return pixel_baseline()
     if is_run_directory(weights):
         logger.info("built the backbone of %s", weights)
         return load_exported_backbone(weights)
@@ -66,7 +71,9 @@ def load_backbone(cfg: PretrainedModelConfig, key: str = "model.weights",
 
 
 def weights_fingerprint(cfg: PretrainedModelConfig, key: str = "model.weights") -> str:
-    """Identifies a backbone's parameters: sha256 of the weights file, or the random-init recipe."""
+    """Identifies a backbone's parameters: sha256 of the weights file, the random-init recipe, or the pixel grid."""
+    if cfg.weights == PIXELS_WEIGHTS:
+        return pixel_fingerprint()
     if is_run_directory(cfg.weights):
         return "sha256:" + file_sha256(read_model_folder(cfg.weights, verify=False).backbone)
     if cfg.weights == RANDOM_WEIGHTS:
