@@ -20,6 +20,7 @@ ALLOWED = {
     "evaluation": {"dinoforge"},
     "pretrain": {"dinoforge", "evaluation"},
     "slurm": {"dinoforge", "curate", "pretrain", "evaluation"},
+    "demo": {"dinoforge", "curate", "pretrain", "evaluation"},  # make demo's own steps: read every stage's artefacts
 }
 PACKAGES = tuple(ALLOWED)
 ROOT = Path(__file__).resolve().parents[1]
