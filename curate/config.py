@@ -1,8 +1,8 @@
 """`CurateConfig`: the whole curation run in one dataclass, gathering the config of every step.
 
 YAML files under `configs/curate/` choose values; `dinoforge.config.load_config` merges them strictly, then
-`key=value` overrides (e.g. `dedup.threshold=0.5 partitions=64`). Relative paths are relative to the working
-directory.
+`key=value` overrides (e.g. `dedup.threshold=0.5 partitions=64 index.kind=ivf index.nlist=64`). Relative paths
+are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from curate.cluster import ClusterConfig
 from curate.dedup import DedupConfig
 from curate.embed_config import EmbedConfig, default_thresholds
+from curate.index import IndexConfig
 from curate.ingest import IngestConfig, SourceConfig
 from curate.report import ReportConfig
 from curate.retrieve import RetrieveConfig
@@ -52,6 +53,8 @@ class CurateConfig:
     # for retrieval; None: the `embed` embedding serves both.
     dedup_embed: EmbedConfig | None = None
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # How dedup's kNN graph, decontamination and retrieval index their embeddings: exact or IVF (curate.index).
+    index: IndexConfig = field(default_factory=IndexConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curate.index import IndexConfig
 from curate.knn_graph import GPU_MAX_K, knn_search, range_pairs
 
 log = logging.getLogger(__name__)
@@ -160,15 +161,17 @@ def near_duplicates_from_edges(n: int, i: np.ndarray, j: np.ndarray, uids: Seque
 
 
 def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold: float = 0.6,
-                    keep: str = "first_uid", use_gpu: bool | str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                    keep: str = "first_uid", use_gpu: bool | str = "auto",
+                    index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Copies among `emb` rows: (duplicate_of_index (-1 = kept), component_id (= smallest row of the component)).
 
     Rows are joined when one is among the other's `k` nearest neighbours with cosine >= `threshold`; groups are
     the connected components of those edges (so A~B and B~C put A, B, C together even if A and C differ more).
+    `index_cfg`: how the rows are indexed (`curate.index`; None: flat, exact).
     """
     if len(emb) != len(uids):
         raise ValueError(f"{len(emb)} embeddings for {len(uids)} uids")
-    i, j, _ = range_pairs(emb, k, threshold, use_gpu=use_gpu)
+    i, j, _ = range_pairs(emb, k, threshold, use_gpu=use_gpu, index_cfg=index_cfg)
     duplicate_of, component = near_duplicates_from_edges(len(emb), i, j, uids, keep)
     log.info("near duplicates: %d edges >= %.3f, %d of %d rows removed, %d components", len(i), threshold,
              int((duplicate_of >= 0).sum()), len(emb), len(np.unique(component)) if len(component) else 0)
@@ -177,7 +180,8 @@ def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold
 
 def contamination_matches(pool_emb: np.ndarray, eval_emb: np.ndarray, threshold: float = 0.45,
                           component_id: np.ndarray | None = None,
-                          use_gpu: bool | str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                          use_gpu: bool | str = "auto",
+                          index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(eval_index per pool row (-1 = clean), each row's best cosine to any eval image (NaN without evals)).
 
     A pool row is contaminated when its most similar eval image reaches `threshold`; with `component_id`, so is
@@ -189,7 +193,7 @@ def contamination_matches(pool_emb: np.ndarray, eval_emb: np.ndarray, threshold:
     component = np.arange(n, dtype=np.int64) if component_id is None else np.asarray(component_id, dtype=np.int64)
     if len(component) != n:
         raise ValueError(f"component_id has {len(component)} rows, pool_emb {n}")
-    sims, ids = knn_search(eval_emb, pool_emb, 1, use_gpu=use_gpu)
+    sims, ids = knn_search(eval_emb, pool_emb, 1, use_gpu=use_gpu, index_cfg=index_cfg, what="decontamination")
     return spread_contamination(ids[:, 0], sims[:, 0], component, threshold), sims[:, 0].astype(np.float32)
 
 
@@ -213,11 +217,12 @@ def spread_contamination(eval_index: np.ndarray, eval_sim: np.ndarray, component
 
 
 def decontaminate(pool_emb: np.ndarray, eval_emb: np.ndarray, eval_uids: Sequence[str], threshold: float = 0.45,
-                  component_id: np.ndarray | None = None, use_gpu: bool | str = "auto") -> list[str | None]:
+                  component_id: np.ndarray | None = None, use_gpu: bool | str = "auto",
+                  index_cfg: IndexConfig | None = None) -> list[str | None]:
     """The matched eval uid per pool row, None when clean; a component touching an eval image goes whole."""
     if len(eval_uids) != len(eval_emb):
         raise ValueError(f"{len(eval_uids)} eval uids for {len(eval_emb)} eval embeddings")
-    eval_index, _ = contamination_matches(pool_emb, eval_emb, threshold, component_id, use_gpu)
+    eval_index, _ = contamination_matches(pool_emb, eval_emb, threshold, component_id, use_gpu, index_cfg)
     matched = [None if e < 0 else eval_uids[e] for e in eval_index.tolist()]
     log.info("decontamination: %d of %d pool rows match an eval image at cosine >= %.3f",
              int((eval_index >= 0).sum()), len(eval_index), threshold)

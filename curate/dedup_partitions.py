@@ -10,13 +10,15 @@ as many tasks, the result is the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from curate.dedup import near_duplicates_from_edges, spread_contamination
-from curate.knn_graph import FlatIPIndex, knn_search, range_pairs, unique_edges
+from curate.index import IndexConfig, build_index
+from curate.knn_graph import knn_search, range_pairs, unique_edges
 from dinoforge.atomic import atomic_write
 
 
@@ -44,13 +46,20 @@ class PartitionQueries:
 
 
 def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | None, k: int, threshold: float,
-                    nn_rows: np.ndarray, use_gpu: str = "auto") -> PartitionQueries:
-    """Search `rows` of `base` against all of `base` (edges >= threshold) and against `eval_emb` (best match)."""
+                    nn_rows: np.ndarray, use_gpu: str = "auto", index_cfg: IndexConfig | None = None,
+                    shards: Sequence[np.ndarray] | None = None, cache: Path | None = None) -> PartitionQueries:
+    """Search `rows` of `base` against all of `base` (edges >= threshold) and against `eval_emb` (best match).
+
+    Both indexes are built as `index_cfg` says (`curate.index`; None: flat); `shards` (the base rows of each
+    partition) are added to an IVF index in turn, and `cache` keeps its trained cells for the other partitions.
+    """
     rows = np.asarray(rows, dtype=np.int64)
-    index = FlatIPIndex(base, use_gpu)  # one build serves the graph and the nearest-neighbour sample
+    # one build serves the graph and the nearest-neighbour sample
+    index = build_index(base, index_cfg, use_gpu, shards=shards, cache=cache, what="kNN graph")
     i, j, s = range_pairs(base, k, threshold, query_rows=rows, progress=False, index=index)
     if eval_emb is not None and len(eval_emb) and rows.size:
-        sims, ids = knn_search(eval_emb, base[rows], 1, use_gpu=use_gpu, progress=False)
+        sims, ids = knn_search(eval_emb, base[rows], 1, use_gpu=use_gpu, progress=False, index_cfg=index_cfg,
+                               what="decontamination")
         eval_index, eval_sim = ids[:, 0], sims[:, 0]
     else:
         eval_index, eval_sim = np.full(rows.size, -1, dtype=np.int64), np.full(rows.size, np.nan, dtype=np.float32)

@@ -1,9 +1,11 @@
-"""Exact cosine kNN search with faiss and the kNN-graph edges above a similarity threshold.
+"""Cosine kNN search with faiss and the kNN-graph edges above a similarity threshold.
 
-faiss runs on the GPU when its smoke test passed in this process (`curate.faiss_device`), else on the CPU.
+The database is indexed by `curate.index`: exact (flat) unless an `IndexConfig` asks for IVF. faiss runs on the GPU
+when its smoke test passed in this process (`curate.faiss_device`), else on the CPU.
 
 Embeddings are L2-normalised, so the inner product is the cosine similarity and a flat inner-product index gives
-exact neighbours. Queries run in chunks: memory stays bounded by `chunk_size * k` and a progress bar can move.
+exact neighbours (IVF: exact similarities of the neighbours it finds). Queries run in chunks: memory stays bounded by
+`chunk_size * k` and a progress bar can move.
 
 A faiss GPU index has no range search, and on CPU the range search of a flat index scans as much as a kNN search
 does; so "all neighbours above a threshold" is always emulated by a kNN search followed by a threshold, on every
@@ -19,41 +21,14 @@ import numpy as np
 from tqdm import tqdm
 
 # gpu_available, resolve_use_gpu: where faiss runs, also imported from here by callers of this module
-from curate.faiss_device import gpu_available, resolve_use_gpu, to_all_gpus  # noqa: F401
+from curate.faiss_device import gpu_available, resolve_use_gpu  # noqa: F401
+
+# as_float32, GPU_MAX_K: imported from here by the steps; the index itself lives in curate.index
+from curate.index import GPU_MAX_K, IndexConfig, VectorIndex, as_float32, build_index  # noqa: F401
 
 log = logging.getLogger(__name__)
-# faiss is imported where it is called: curation's config imports this module, and ingest runs without faiss.
 
 DEFAULT_CHUNK = 16384  # queries per faiss call: [chunk, k] float32 + int64 results, about 12 MB at k=64
-GPU_MAX_K = 2048  # faiss GPU brute-force search supports k <= 2048
-
-
-def as_float32(x: np.ndarray, name: str = "embeddings") -> np.ndarray:
-    """A C-contiguous float32 [n, d] view or copy of `x` (faiss reads only float32)."""
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {x.shape}")
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-class FlatIPIndex:
-    """An exact inner-product index over `xb`, on all visible GPUs (sharded) or on the CPU."""
-
-    def __init__(self, xb: np.ndarray, use_gpu: bool | str = "auto") -> None:
-        import faiss
-        xb = as_float32(xb, "database embeddings")
-        self.ntotal, self.dim = xb.shape
-        self.on_gpu = resolve_use_gpu(use_gpu)
-        cpu_index = faiss.IndexFlatIP(self.dim)
-        self.index = to_all_gpus(cpu_index, shard=True) if self.on_gpu else cpu_index
-        self.index.add(xb)
-
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities float32 [nq, k], ids int64 [nq, k]), best first; missing neighbours have id -1."""
-        if self.on_gpu and k > GPU_MAX_K:
-            raise ValueError(f"k={k}: faiss GPU search supports k <= {GPU_MAX_K}")
-        sims, ids = self.index.search(as_float32(xq, "query embeddings"), k)
-        return sims, ids
 
 
 def _chunks(n: int, chunk_size: int, desc: str, progress: bool) -> tqdm:
@@ -62,9 +37,11 @@ def _chunks(n: int, chunk_size: int, desc: str, progress: bool) -> tqdm:
 
 
 def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "auto",
-               chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
+               index_cfg: IndexConfig | None = None, what: str = "index") -> tuple[np.ndarray, np.ndarray]:
     """The `k` most similar database rows of every query: (sims float32 [nq, k], ids int64 [nq, k]).
 
+    `index_cfg`: how `xb` is indexed (`curate.index`; None: flat, exact); `what`: the index's name in messages.
     When `k` exceeds the database size the extra columns hold id -1 and similarity -inf.
     """
     if k < 1:
@@ -76,7 +53,7 @@ def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "au
         return sims, ids
     if np.asarray(xb).shape[1] != xq.shape[1]:
         raise ValueError(f"query dim {xq.shape[1]} != database dim {np.asarray(xb).shape[1]}")
-    index = FlatIPIndex(xb, use_gpu)
+    index = build_index(xb, index_cfg, use_gpu, what=what)
     kk = min(k, index.ntotal)
     for start in _chunks(len(xq), chunk_size, "kNN search", progress):
         s, i = index.search(xq[start:start + chunk_size], kk)
@@ -87,13 +64,16 @@ def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "au
 
 def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "auto",
                 query_rows: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, index: FlatIPIndex | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                progress: bool = True, index: VectorIndex | None = None,
+                index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edges (i, j, sim) of the kNN graph of `x` with cosine >= `threshold`, i != j.
 
     Each row of `query_rows` (default: all rows) is searched against all of `x`; an edge is kept once, as
     (min, max), sorted. Running disjoint `query_rows` (e.g. one partition per Slurm task) and concatenating the
     results gives the same graph as one call, up to edges found from both ends (deduplicate with `unique_edges`).
-    `index`: a `FlatIPIndex` of `x` already built (a caller that searches `x` again saves a second build).
+    `index`: an index of `x` already built (a caller that searches `x` again saves a second build); else one is
+    built as `index_cfg` says (None: flat, exact). An approximate index may miss edges, never invent them: the
+    similarities it returns are exact.
     """
     x = np.asarray(x)
     n = len(x)
@@ -103,7 +83,7 @@ def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "
     if n < 2 or rows.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy(), np.zeros(0, dtype=np.float32)
-    index = index or FlatIPIndex(x, use_gpu)
+    index = index or build_index(x, index_cfg, use_gpu, what="kNN graph")
     # One extra neighbour because the query itself is (almost always) its own first hit.
     kk = min(k + 1, n)
     found_i, found_j, found_s = [], [], []

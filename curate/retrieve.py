@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from curate.cluster import rank_within_groups
+from curate.index import IndexConfig
 from curate.knn_graph import as_float32, knn_search
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,12 @@ def _first_per_group(group: np.ndarray, score: np.ndarray) -> np.ndarray:
     return order[first]
 
 
-def sample_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, n_per_seed: int,
-                     use_gpu: bool | str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pool rows selected, index of the seed that brought each (the most similar), similarity), by pool row."""
-    sims, ids = knn_search(pool_emb, seed_emb, n_per_seed, use_gpu=use_gpu)
+def sample_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, n_per_seed: int, use_gpu: bool | str = "auto",
+                     index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool rows selected, index of the seed that brought each (the most similar), similarity), by pool row.
+
+    `index_cfg`: how the pool is indexed (`curate.index`; None: flat, exact)."""
+    sims, ids = knn_search(pool_emb, seed_emb, n_per_seed, use_gpu=use_gpu, index_cfg=index_cfg, what="retrieval")
     seed_of = np.repeat(np.arange(len(seed_emb)), sims.shape[1])
     rows, sims = ids.ravel(), sims.ravel()
     valid = rows >= 0
@@ -118,9 +121,11 @@ def cluster_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, pool_assign: n
 
 def retrieve(pool_emb: np.ndarray, seed_emb: np.ndarray, seed_uids: Sequence[str],
              pool_assign: np.ndarray | None = None, seed_assign: np.ndarray | None = None,
-             cfg: RetrieveConfig | None = None) -> tuple[np.ndarray, list[str | None], np.ndarray]:
+             cfg: RetrieveConfig | None = None,
+             index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, list[str | None], np.ndarray]:
     """Pool images selected for one seed set: (mask bool [N], reason per row or None, score float32 [N], NaN if not
-    selected). Reasons: `seed:<uid>` (sample mode) or `cluster:<level>/<id>` (cluster mode)."""
+    selected). Reasons: `seed:<uid>` (sample mode) or `cluster:<level>/<id>` (cluster mode). `index_cfg`: how sample
+    mode indexes the pool (None: flat, exact)."""
     cfg = cfg or RetrieveConfig()
     pool_emb, seed_emb = as_float32(pool_emb, "pool embeddings"), as_float32(seed_emb, "seed embeddings")
     if len(seed_uids) != len(seed_emb):
@@ -133,7 +138,7 @@ def retrieve(pool_emb: np.ndarray, seed_emb: np.ndarray, seed_uids: Sequence[str
         return mask, reasons, score
     mode = resolve_mode(cfg, len(seed_emb), pool_assign is not None and seed_assign is not None)
     if mode == "sample":
-        rows, seed_of, sims = sample_retrieval(pool_emb, seed_emb, cfg.n_per_seed, cfg.use_gpu)
+        rows, seed_of, sims = sample_retrieval(pool_emb, seed_emb, cfg.n_per_seed, cfg.use_gpu, index_cfg)
         labels = [f"seed:{seed_uids[s]}" for s in seed_of.tolist()]
     else:
         rows, cluster_of, sims = cluster_retrieval(pool_emb, seed_emb, pool_assign, seed_assign, cfg.m_per_cluster,

@@ -13,7 +13,8 @@ import torch
 from curate import faiss_device
 from curate.cluster import spherical_kmeans
 from curate.faiss_device import NO_GPU, NO_GPU_SUPPORT, faiss_gpu_status, resolve_use_gpu
-from curate.knn_graph import FlatIPIndex, knn_search, range_pairs
+from curate.index import build_index
+from curate.knn_graph import knn_search, range_pairs
 
 CUDA_ERROR = ("Error in void faiss::gpu::runL2Norm(...) at faiss/gpu/impl/L2Norm.cu:264: "
               "CUDA error 209 no kernel image is available for execution on the device")
@@ -89,7 +90,7 @@ def test_auto_runs_on_cpu_with_the_reason_logged_once_when_gpu_search_fails(monk
     with caplog.at_level(logging.INFO, logger="curate.faiss_device"):
         assert resolve_use_gpu("auto") is False
         assert resolve_use_gpu("auto") is False
-        assert FlatIPIndex(unit(np.random.default_rng(0), 10), "auto").on_gpu is False
+        assert build_index(unit(np.random.default_rng(0), 10), None, "auto").on_gpu is False
     ok, reason = faiss_gpu_status()
     assert not ok and reason.startswith("faiss flat-index search on 1 GPU(s) failed: RuntimeError: ")
     assert "no kernel image is available" in reason
@@ -163,7 +164,7 @@ def test_a_gpu_that_passes_the_smoke_is_used(monkeypatch):
     ok, reason = faiss_gpu_status()
     assert ok and reason.endswith("on 1 GPU(s): flat-index search and k-means agree with the CPU")
     assert resolve_use_gpu("auto") is True and resolve_use_gpu("gpu") is True
-    index = FlatIPIndex(unit(np.random.default_rng(3), 20), "auto")
+    index = build_index(unit(np.random.default_rng(3), 20), None, "auto")
     assert index.on_gpu and index.index is sent[-1]
 
 

@@ -29,6 +29,7 @@ from curate.manifest import (
 )
 from curate.rundir import RunDir
 from curate.steps.embed import embedding_store
+from curate.store import EmbeddingStore
 from dinoforge.atomic import atomic_write
 
 if TYPE_CHECKING:
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 
 def config(cfg: CurateConfig) -> dict:
-    return {"dedup": dataclasses.asdict(cfg.dedup), "nn_sample": cfg.report.nn_sample, "seed": cfg.report.seed}
+    # the index is part of the result: an approximate one may miss copies that an exact one finds
+    return {"dedup": dataclasses.asdict(cfg.dedup), "index": dataclasses.asdict(cfg.index),
+            "nn_sample": cfg.report.nn_sample, "seed": cfg.report.seed}
 
 
 def run(cfg: CurateConfig, context: StepContext) -> dict | None:
@@ -69,10 +72,11 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
         emb = store.gather(base_uids).astype(np.float32)
         eval_emb = store.gather(eval_uids).astype(np.float32) if eval_uids else None
         base_part = part_col[base]
+        shards = [np.nonzero(base_part == p)[0] for p in range(cfg.partitions)]  # an IVF index is filled per partition
         for p in tqdm(todo, desc="dedup queries", unit="partition"):
-            rows = np.nonzero(base_part == p)[0]
-            found = query_partition(emb, rows, eval_emb, cfg.dedup.k, cfg.dedup.threshold,
-                                    nn_rows[base_part[nn_rows] == p], cfg.dedup.use_gpu)
+            found = query_partition(emb, shards[p], eval_emb, cfg.dedup.k, cfg.dedup.threshold,
+                                    nn_rows[base_part[nn_rows] == p], cfg.dedup.use_gpu, cfg.index, shards,
+                                    queries_dir / "ivf-trained.faiss")
             found.save(queries_dir / f"part-{p:05d}.npz")
     missing = [p for p in range(cfg.partitions) if not (queries_dir / f"part-{p:05d}.npz").is_file()]
     if missing:
@@ -113,7 +117,18 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     return {"exact_duplicates": int((exact >= 0).sum()), "near_duplicates": int((merged.duplicate_of >= 0).sum()),
             "graph_edges": merged.n_edges, "contaminated": counts["contaminated"],
             "kept": counts["ok"] + counts["selected"] + counts["not_selected"],
-            "components": int(len(np.unique(merged.component)))}
+            "components": int(len(np.unique(merged.component))),
+            # what `index` meant for these sizes (auto's choice, nlist, nprobe...): the graph's and decontamination's
+            "index": _index_plan(cfg, store, base_uids, "kNN graph"),
+            "eval_index": _index_plan(cfg, store, eval_uids, "decontamination")}
+
+
+def _index_plan(cfg: CurateConfig, store: EmbeddingStore, uids: list[str], what: str) -> dict | None:
+    """The index the queries built over `uids` (None when there was nothing to index)."""
+    from curate.index import plan_index
+    if not uids:
+        return None
+    return plan_index(cfg.index, len(uids), store.gather(uids[:1]).shape[1], what).as_dict()
 
 
 def _warn_uncalibrated_thresholds(cfg: CurateConfig) -> None:

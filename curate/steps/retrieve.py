@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def config(cfg: CurateConfig) -> dict:
-    return {"retrieve": dataclasses.asdict(cfg.retrieve), "select": dataclasses.asdict(cfg.select)}
+    return {"retrieve": dataclasses.asdict(cfg.retrieve), "select": dataclasses.asdict(cfg.select),
+            "index": dataclasses.asdict(cfg.index)}
 
 
 def selection_method(cfg: CurateConfig) -> str:
@@ -79,7 +80,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
             mask, why, sc = retrieve_for_seed_set(
                 pool_emb, seed_emb, [uid_col[i] for i in seeds],
                 assign[pool].astype(np.int64) if assign is not None else None,
-                assign[seeds].astype(np.int64) if assign is not None else None, cfg.retrieve)
+                assign[seeds].astype(np.int64) if assign is not None else None, cfg.retrieve, cfg.index)
             better = mask & ~(np.nan_to_num(score[pool], nan=-np.inf) >= sc)  # ties: the earlier seed set
             for j in np.nonzero(better)[0]:
                 reason[pool[j]], score[pool[j]] = why[j], sc[j]
