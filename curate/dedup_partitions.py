@@ -10,6 +10,7 @@ as many tasks, the result is the same.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.dedup import near_duplicates_from_edges, spread_contamination
-from curate.index import IndexConfig, build_index
+from curate.index import IndexConfig, build_index, plan_index
 from curate.knn_graph import knn_search, range_pairs, unique_edges
 from dinoforge.atomic import atomic_write
 
@@ -34,6 +35,7 @@ class PartitionQueries:
     eval_sim: np.ndarray  # float32 [q]: its cosine similarity (NaN without eval sets)
     nn_rows: np.ndarray  # int64 [s]: sampled rows whose nearest neighbour was measured
     nn_sim: np.ndarray  # float32 [s]: cosine similarity to the nearest other base row
+    index_plans: np.ndarray  # str (JSON): the indexes the queries searched: {"kNN graph": plan, "decontamination": ...}
 
     def save(self, path: Path) -> None:
         """Write atomically (the file's presence marks the partition done)."""
@@ -43,6 +45,10 @@ class PartitionQueries:
     def load(cls, path: Path) -> PartitionQueries:
         with np.load(path) as data:
             return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    def plans(self) -> dict:
+        """{search: the `curate.index.IndexPlan` it used, as a dict (None: nothing was indexed)}."""
+        return json.loads(str(self.index_plans))
 
 
 def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | None, k: int, threshold: float,
@@ -69,7 +75,12 @@ def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | N
         sims, ids = index.search(base[nn_rows], 2)
         # The best hit that is not the query itself (an identical twin can rank before the query).
         nn_sim = np.where(ids[:, 0] == nn_rows, sims[:, 1], sims[:, 0]).astype(np.float32)
-    return PartitionQueries(rows, i, j, s, eval_index.astype(np.int64), eval_sim.astype(np.float32), nn_rows, nn_sim)
+    # the plan of the index built here; decontamination's is the one `knn_search` builds for the eval set's size
+    plans = {"kNN graph": index.plan.as_dict(),
+             "decontamination": plan_index(index_cfg, len(eval_emb), base.shape[1], "decontamination").as_dict()
+             if eval_emb is not None and len(eval_emb) else None}
+    return PartitionQueries(rows, i, j, s, eval_index.astype(np.int64), eval_sim.astype(np.float32), nn_rows, nn_sim,
+                            np.array(json.dumps(plans)))
 
 
 @dataclass

@@ -100,6 +100,8 @@ def plan_index(cfg: IndexConfig | None, rows: int, dim: int, what: str = "index"
     value cannot work for this database (`what` it indexes, for the message). None: flat (exact)."""
     if cfg is None:
         return IndexPlan("flat", rows, dim, reason="exact search (no index config)")
+    if rows == 0:  # e.g. a pool that exact dedup or ingest emptied: nothing to train cells on
+        return IndexPlan("flat", rows, dim, reason="no rows to index")
     kind = cfg.kind
     if kind == "auto":
         below = rows < cfg.auto_threshold

@@ -68,6 +68,7 @@ def test_defaults_are_the_measured_ones():
     assert (plan.kind, plan.nlist, plan.nprobe, plan.train_rows) == ("ivf", 4000, 64, 256_000)
     assert plan_index(IndexConfig(kind="ivfpq"), 10_000, 256).pq_m == 64  # dim / 4 bytes a row
     assert plan_index(None, 10**9, 256).kind == "flat"
+    assert plan_index(IndexConfig(kind="ivf"), 0, 256).kind == "flat"  # an emptied pool has no cells to train
 
 
 @pytest.mark.parametrize(("override", "key"), [

@@ -29,7 +29,6 @@ from curate.manifest import (
 )
 from curate.rundir import RunDir
 from curate.steps.embed import embedding_store
-from curate.store import EmbeddingStore
 from dinoforge.atomic import atomic_write
 
 if TYPE_CHECKING:
@@ -118,17 +117,8 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
             "graph_edges": merged.n_edges, "contaminated": counts["contaminated"],
             "kept": counts["ok"] + counts["selected"] + counts["not_selected"],
             "components": int(len(np.unique(merged.component))),
-            # what `index` meant for these sizes (auto's choice, nlist, nprobe...): the graph's and decontamination's
-            "index": _index_plan(cfg, store, base_uids, "kNN graph"),
-            "eval_index": _index_plan(cfg, store, eval_uids, "decontamination")}
-
-
-def _index_plan(cfg: CurateConfig, store: EmbeddingStore, uids: list[str], what: str) -> dict | None:
-    """The index the queries built over `uids` (None when there was nothing to index)."""
-    from curate.index import plan_index
-    if not uids:
-        return None
-    return plan_index(cfg.index, len(uids), store.gather(uids[:1]).shape[1], what).as_dict()
+            # the indexes the queries built (auto's choice, nlist, nprobe...), as partition 0 recorded them
+            "index": parts[0].plans()["kNN graph"], "eval_index": parts[0].plans()["decontamination"]}
 
 
 def _warn_uncalibrated_thresholds(cfg: CurateConfig) -> None:
