@@ -16,6 +16,16 @@ search is an upper bound of the whole step's ratio (global work + queries) / sea
     python bench/bench_dedup.py --n 1000000          # the issue's size (GPU: seconds; 2 CPU cores: ~2 hours)
     python bench/bench_dedup.py --n 1000000 --query-fraction 0.05 --repeats 1   # 1M rows, 2 CPU cores: ~8 min
     python bench/bench_dedup.py --n 100000           # a few minutes on 2 CPU cores
+
+`--index ivf|ivfpq|all` (issue 25) times the dedup kNN graph (index build, IVF training included, then k+1
+neighbours of the queried rows and the threshold, as in `curate.dedup_partitions`) with an approximate index against
+the exact flat one, and measures the recall of the exact graph's copy pairs (edges >= threshold). With
+`--query-fraction f` both search the same rows and the full-size time is extrapolated as build + search / f (search
+is linear in the queries); the recall is that of the pairs found from the queried rows. `--index flat` times the
+exact graph alone.
+
+    python bench/bench_dedup.py --index ivf --rows 100000 --dim 256 --repeats 1
+    python bench/bench_dedup.py --index all --rows 1000000 --dim 256 --query-fraction 0.01 --repeats 1
 """
 
 from __future__ import annotations
@@ -36,13 +46,29 @@ from bench.headline import headline  # noqa: E402
 from bench.timing import Clock  # noqa: E402
 from curate.dedup import exact_duplicates  # noqa: E402
 from curate.dedup_partitions import merge_partitions, query_partition  # noqa: E402
-from curate.knn_graph import resolve_use_gpu  # noqa: E402
+from curate.index import IndexConfig, build_index, plan_index  # noqa: E402
+from curate.knn_graph import range_pairs, resolve_use_gpu  # noqa: E402
+
+INDEX_CHOICES = ("flat", "ivf", "ivfpq", "all")
+TARGET_TIME_RATIO, TARGET_RECALL = 0.1, 0.99  # issue 25: >= 0.99 of the exact pairs in <= 1/10 of the time
 
 
-def make_data(n: int, d: int, dup_fraction: float, n_eval: int, seed: int):
-    """float16 unit rows with planted noisy copies, digests with planted exact repeats, uids, eval rows."""
+CLUSTER_COSINE = 0.6  # --clusters: a row's cosine to its cluster centre; two rows of a cluster sit near 0.36
+
+
+def make_data(n: int, d: int, dup_fraction: float, n_eval: int, seed: int, clusters: int = 0):
+    """float16 unit rows with planted noisy copies, digests with planted exact repeats, uids, eval rows.
+
+    `clusters` > 0: rows gather around that many random centres (as image embeddings do; an IVF index's cells then
+    follow them), else they are isotropic (no structure at all: the worst case of an IVF index).
+    """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d), dtype=np.float32)
+    if clusters:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        centres = rng.standard_normal((clusters, d), dtype=np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        x = CLUSTER_COSINE * centres[rng.integers(0, clusters, n)] + np.sqrt(1 - CLUSTER_COSINE**2) * x
     n_dup = int(n * dup_fraction)
     src = rng.integers(0, n - n_dup, n_dup)
     # noise 0.6/sqrt(d) per dim: cosine ~0.86 with the source, far above the 0.6 threshold
@@ -111,10 +137,79 @@ def our_dedup(x16, rows, sha, uids, eval16, k: int, threshold: float, eval_thres
     return {"times": times, "counts": counts}
 
 
+def knn_graph(x: np.ndarray, rows: np.ndarray, k: int, threshold: float, cfg: IndexConfig, shards: list[np.ndarray],
+              use_gpu: bool, exact: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """({build_s, search_s}, edge keys i * n + j found from `rows`, and from `rows` and the other ends of the
+    `exact` edges) of the kNN graph of `x`.
+
+    The whole graph searches every row, so a pair is found from either end: searching the other ends too (untimed)
+    measures the recall the full graph has on the sampled pairs, not only that of one direction.
+    """
+    t = time.perf_counter()
+    index = build_index(x, cfg, "gpu" if use_gpu else "cpu", shards=shards)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    i, j, _ = range_pairs(x, k, threshold, query_rows=rows, progress=False, index=index)
+    times = {"build_s": build, "search_s": time.perf_counter() - t}
+    found = np.unique(i * len(x) + j)
+    both = found
+    if exact is not None and len(exact):
+        ends = np.setdiff1d(np.concatenate([exact // len(x), exact % len(x)]), rows)
+        if ends.size:
+            i2, j2, _ = range_pairs(x, k, threshold, query_rows=ends, progress=False, index=index)
+            both = np.union1d(found, i2 * len(x) + j2)
+    return times, found, both
+
+
+def compare_indexes(args: argparse.Namespace, use_gpu: bool) -> dict:
+    """The `--index` mode: approximate kNN graphs against the exact one (times, recall of its pairs, ratios)."""
+    x16, *_ = make_data(args.n, args.d, args.dup_fraction, 0, args.seed, args.clusters)
+    x = np.ascontiguousarray(x16, dtype=np.float32)  # as the step converts; not timed
+    del x16
+    rows = query_rows(args.n, args.query_fraction, args.seed)
+    shards = [np.arange(p, args.n, args.partitions) for p in range(args.partitions)]  # added per partition
+    kinds = ["flat"] + {"flat": [], "ivf": ["ivf"], "ivfpq": ["ivfpq"], "all": ["ivf", "ivfpq"]}[args.index]
+    configs = {kind: IndexConfig(kind=kind, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m, seed=args.seed)
+               for kind in kinds}
+    results: dict[str, dict] = {}
+    edges: dict[str, np.ndarray] = {}
+    one_way: dict[str, np.ndarray] = {}
+    for _ in range(args.repeats):  # alternating, the fastest of each counts (the machine is shared)
+        for kind in kinds:
+            times, one_way[kind], edges[kind] = knn_graph(x, rows, args.k, args.threshold, configs[kind], shards,
+                                                          use_gpu, edges.get("flat"))
+            best = results.get(kind)
+            if best is None or times["build_s"] + times["search_s"] < best["build_s"] + best["search_s"]:
+                results[kind] = times
+    exact = edges["flat"]
+    out = {}
+    for kind in kinds:
+        r = results[kind]
+        full = r["build_s"] + r["search_s"] / args.query_fraction  # search is linear in the queries
+        plan = plan_index(configs[kind], args.n, args.d).as_dict()
+        out[kind] = {"build_s": round(r["build_s"], 3), "search_s": round(r["search_s"], 3),
+                     "full_s": round(full, 3), "pairs": int(len(one_way[kind])),
+                     "recall": round(float(np.isin(exact, edges[kind]).mean()) if len(exact) else 1.0, 5),
+                     # pairs found from the queried rows alone: a lower bound, one direction of each pair
+                     "recall_one_way": round(float(np.isin(exact, one_way[kind]).mean()) if len(exact) else 1.0, 5),
+                     **{key: plan[key] for key in ("nlist", "nprobe", "pq_m", "train_rows") if plan["kind"] != "flat"}}
+    for kind in kinds:
+        out[kind]["time_ratio"] = round(out[kind]["full_s"] / out["flat"]["full_s"], 4)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--n", "--rows", type=int, default=1_000_000)
+    parser.add_argument("--d", "--dim", type=int, default=256)
+    parser.add_argument("--index", choices=INDEX_CHOICES, default=None,
+                        help="time the kNN graph with this approximate index against the exact one (all: ivf, ivfpq)")
+    parser.add_argument("--nlist", type=int, default=0, help="--index: IVF cells (0: 4 sqrt(n))")
+    parser.add_argument("--nprobe", type=int, default=0, help="--index: cells scanned per query (0: the default)")
+    parser.add_argument("--pq-m", type=int, default=0, help="--index ivfpq: code bytes per row (0: dim / 4)")
+    parser.add_argument("--partitions", type=int, default=8, help="--index: shards the IVF index is filled in")
+    parser.add_argument("--clusters", type=int, default=0,
+                        help="--index: rows gather around this many centres, as image embeddings do (0: isotropic)")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--eval-threshold", type=float, default=0.45)
@@ -130,6 +225,9 @@ def main() -> None:
     args = parser.parse_args()
 
     use_gpu = resolve_use_gpu(args.use_gpu)
+    if args.index is not None:
+        print_index_comparison(args, use_gpu)
+        return
     args.n_eval = args.n // 100 if args.n_eval is None else args.n_eval
     x16, sha, uids, eval16 = make_data(args.n, args.d, args.dup_fraction, args.n_eval, args.seed)
     rows = query_rows(args.n, args.query_fraction, args.seed)
@@ -161,6 +259,32 @@ def main() -> None:
         "headline": headline(f"dedup step time / bare kNN search time, n={args.n} (lower is better; target <= 1.3)",
                              ratio, "a bare faiss flat inner-product search of every row's k+1 neighbours"),
     }))
+
+
+def print_index_comparison(args: argparse.Namespace, use_gpu: bool) -> None:
+    """One JSON object: each index's times, recall of the exact pairs and time ratio; the headline is IVF's."""
+    started = time.perf_counter()
+    indexes = compare_indexes(args, use_gpu)
+    approx = next((kind for kind in ("ivf", "ivfpq") if kind in indexes), None)
+    doc = {"bench": "dedup_index", "n": args.n, "d": args.d, "k": args.k, "threshold": args.threshold,
+           "clusters": args.clusters,
+           "dup_fraction": args.dup_fraction, "query_fraction": args.query_fraction,
+           "queries": len(query_rows(args.n, args.query_fraction, args.seed)), "device": "gpu" if use_gpu else "cpu",
+           "faiss_threads": faiss.omp_get_max_threads(), "machine": platform.machine(), "repeats": args.repeats,
+           "indexes": indexes, "extrapolated": args.query_fraction < 1,
+           "target": {"time_ratio": TARGET_TIME_RATIO, "recall": TARGET_RECALL},
+           "bench_wall_s": round(time.perf_counter() - started, 1)}
+    if approx is None:
+        doc["headline"] = headline(f"exact kNN graph only, n={args.n} (no approximate index asked)", None,
+                                   "the flat inner-product kNN graph")
+    else:
+        r = indexes[approx]
+        doc["within_target"] = r["time_ratio"] <= TARGET_TIME_RATIO and r["recall"] >= TARGET_RECALL
+        doc["headline"] = headline(
+            f"{approx} kNN-graph time / exact time, n={args.n}, recall of the exact pairs {r['recall']:.4f} (lower "
+            f"is better; target <= {TARGET_TIME_RATIO} at recall >= {TARGET_RECALL})", r["time_ratio"],
+            "the exact (flat inner-product) kNN graph of the same rows")
+    print(json.dumps(doc))
 
 
 if __name__ == "__main__":

@@ -35,3 +35,20 @@ def test_bench_prints_one_json_object(fraction):
     assert result["exact_duplicates"] > 0 and result["near_duplicates"] > 0
     # 5% of rows are planted copies; a quarter of the queries still finds about a quarter of them or more
     assert result["edges"] >= fraction * 0.05 * 4000 * 0.9
+
+
+def test_index_mode_reports_recall_and_time_of_each_index():
+    out = subprocess.run([sys.executable, str(BENCH), "--index", "all", "--rows", "3000", "--dim", "32",
+                          "--repeats", "1", "--use-gpu", "cpu", "--query-fraction", "0.5", "--clusters", "20",
+                          "--nprobe", "16", "--k", "16"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    indexes = result["indexes"]
+    assert set(indexes) == {"flat", "ivf", "ivfpq"} and result["extrapolated"]
+    assert indexes["flat"]["recall"] == 1.0 and indexes["flat"]["time_ratio"] == 1.0
+    assert indexes["flat"]["pairs"] > 50  # the planted copies found from half of the rows
+    for kind in ("ivf", "ivfpq"):
+        r = indexes[kind]
+        assert r["nprobe"] == 16 and r["recall"] >= r["recall_one_way"] >= 0.9
+        # the full-size time: build + search / query fraction
+        assert r["full_s"] == pytest.approx(r["build_s"] + r["search_s"] / 0.5, abs=2e-3)
+    assert result["headline"]["ratio"] == pytest.approx(indexes["ivf"]["time_ratio"], abs=1e-3)
