@@ -41,13 +41,13 @@ log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 GPU_MAX_K = 2048  # faiss GPU search supports k <= 2048 (and nprobe <= 2048)
-# Exact search below this many rows: at 10^5 x 256 on 2 CPU cores IVF takes ~1/5 of flat's time, at 10^6 ~1/20;
-# below ~5 * 10^4 training dominates and flat's cost (seconds to a minute) is not worth a recall below 1.
+# Exact search below this many rows: on 2 CPU cores the exact graph of 10^5 x 256 takes ~200 s and IVF 0.22-0.34
+# of it; below ~5 * 10^4 exact costs under a minute and IVF's training would eat most of the saving (docs/curation.md).
 AUTO_THRESHOLD = 50_000
 NLIST_PER_SQRT_N = 4  # nlist = 4 sqrt(n): faiss's guideline (4-16 sqrt(n)) at its cheapest training end
-DEFAULT_NPROBE = 64  # recall >= 0.99 of planted copy pairs at 10^5 and 10^6 x 256 (docs/curation.md)
-TRAIN_PER_CELL = 64  # k-means sample per cell: faiss warns under 39; 64 measured better recall than 32 (docs)
-TRAIN_ITERATIONS = 10  # k-means iterations: recall saturates well before faiss's default 25 (docs/curation.md)
+DEFAULT_NPROBE = 64  # full-graph recall 1.000 of planted copies at 10^5 and 10^6 x 256 clustered (docs/curation.md)
+TRAIN_PER_CELL = 64  # k-means sample per cell: faiss warns under 39; 64 gave better recall than 32 at 10^5
+TRAIN_ITERATIONS = 10  # k-means iterations, not faiss's 25: training dominates IVF's cost, recall met at 10
 PQ_BITS = 8  # bits per sub-quantizer code: one byte, the only size every faiss GPU IVF-PQ kernel supports
 RERANK_FACTOR = 2  # ivfpq: candidates per wanted neighbour, re-ranked with exact inner products
 RERANK_CHUNK = 1024  # queries re-ranked at once: [1024, 2k, dim] float32, ~130 MB at k=64, dim=256
