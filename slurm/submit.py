@@ -39,6 +39,13 @@ def stage_main(stage: str):
     return importlib.import_module(f"{stage}.__main__").main
 
 
+def note_passing_signal(signum: int, frame: object) -> None:
+    """Slurm's SIGTERM and SIGCONT pass over the job, as in submitit, noted with one bare write. submitit's own handler
+    logs through `logging`: a USR2 handled while that call runs nests inside it, and `logging` swallows the exception
+    by which a job out of requeues ends, so that job would run on into its time limit (TIMEOUT instead of FAILED)."""
+    os.write(2, f"signal {signal.Signals(signum).name} received: the job carries on\n".encode())
+
+
 class StageJob(submitit.helpers.Checkpointable):
     """`python -m STAGE ARGV` inside a job; a non-zero exit fails the job. Requeued as is: the stage resumes itself."""
 
@@ -47,6 +54,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         os.chdir(self.cwd)  # relative paths in configs mean the same in the job as at submission
+        for passing in (signal.SIGTERM, signal.SIGCONT):
+            signal.signal(passing, note_passing_signal)
         code = stage_main(self.stage)(self.argv)
         if code:
             raise RuntimeError(f"python -m {self.stage} {' '.join(self.argv)} exited with {code}")

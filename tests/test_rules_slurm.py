@@ -4,6 +4,7 @@ of a comma-separated node list. Each test was checked against the one-line bug i
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 from pathlib import Path
@@ -20,18 +21,38 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "pretrain" / "cpu_tiny.yaml")
 
 
+JOB_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)
+
+
+class SignalNotPassed(Exception):
+    """Raised by the handler a test leaves in place: StageJob did not install its own."""
+
+
+def refuse(signum: int, frame: object) -> None:
+    raise SignalNotPassed(signal.Signals(signum).name)
+
+
 @pytest.fixture
 def stage_exits_with(monkeypatch, tmp_path):
-    """StageJob running a fake stage whose main returns the given code (SIGUSR2 restored afterwards)."""
+    """StageJob running a fake stage whose main returns the given code, after sending itself the signals given
+    (the job signals' handlers restored afterwards)."""
     monkeypatch.chdir(tmp_path)
-    usr2 = signal.getsignal(signal.SIGUSR2)
+    previous = {sig: signal.getsignal(sig) for sig in JOB_SIGNALS}
 
-    def run(code: int) -> int:
-        monkeypatch.setattr(submit, "stage_main", lambda stage: lambda argv: code)
+    def run(code: int, *received: signal.Signals) -> int:
+        def main(argv: list[str]) -> int:
+            for sig in received:
+                os.kill(os.getpid(), sig)
+            return code
+
+        monkeypatch.setattr(submit, "stage_main", lambda stage: main)
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            signal.signal(sig, refuse)
         return submit.StageJob("pretrain", ["train", CONFIG], str(tmp_path))()
 
     yield run
-    signal.signal(signal.SIGUSR2, usr2)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("code", [1, 2, 3])
@@ -43,6 +64,28 @@ def test_a_stage_exiting_non_zero_fails_its_job(stage_exits_with, code):
 
 def test_a_stage_exiting_zero_completes_its_job(stage_exits_with):
     assert stage_exits_with(0) == 0
+
+
+def test_sigterm_and_sigcont_pass_over_a_running_stage_and_are_noted(stage_exits_with, capfd):
+    """Slurm sends SIGCONT with its signals and SIGTERM before a kill: the stage runs on (bug caught: the handlers
+    not installed, the stage ends on the test's refusing handler)."""
+    assert stage_exits_with(0, signal.SIGTERM, signal.SIGCONT) == 0
+    err = capfd.readouterr().err
+    assert "signal SIGTERM received: the job carries on" in err and "signal SIGCONT received" in err
+
+
+def test_the_passing_signal_note_lets_a_nested_usr2_exception_through(monkeypatch):
+    """A USR2 handled while the note is written raises submitit's UncompletedJobError when the job is out of requeues:
+    it must reach submitit, which fails the job (bug caught: the note written through `logging`, which swallows it,
+    as submitit's own bypass handler does, and the job runs on into TIMEOUT)."""
+    from submitit.core.utils import UncompletedJobError
+
+    def usr2_handled_during_the_write(fd: int, data: bytes) -> int:
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    monkeypatch.setattr(os, "write", usr2_handled_during_the_write)
+    with pytest.raises(UncompletedJobError, match="timed-out too many times"):
+        submit.note_passing_signal(signal.SIGCONT, None)
 
 
 @pytest.mark.parametrize("outcome,state", [("success", "COMPLETED"), ("error", "FAILED")])

@@ -134,7 +134,9 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, image_folder,
     release_after_requeue(gate_dir, 4, job, submit, resumes=1)
     held_at(gate_dir, 8, job, submit)
     assert latest_step(run_dir) == 8
-    job._interrupt()  # scancel --signal SIGTERM, then USR2: a preemption
+    # USR2 alone: submitit's `job._interrupt()` sends SIGTERM just before it, and slurmstepd's delivery of that SIGTERM
+    # to the step's processes can reach the `scontrol requeue` that the USR2 handler has just started
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
     release_after_requeue(gate_dir, 8, job, submit, resumes=2)
     states = submit.wait([job], timeout=500)
     assert states == {job.job_id: "COMPLETED"}, submit.log_tail(job)
@@ -195,6 +197,7 @@ def test_time_limit_requeues_until_done_and_max_requeues_bounds_it(slurm_cluster
             straight.wait(timeout=30)
     assert states[bounded.job_id] == "FAILED", submit.log_tail(bounded)
     assert "Job not requeued because: timed-out too many times" in bounded.paths.stderr.read_text()
+    assert int(scontrol_field(bounded.job_id, "Restarts")) == 0
     assert latest_step(tmp_path / "bounded") <= 2  # it never passed its gate
     assert states[job.job_id] == "COMPLETED", submit.log_tail(job)
     assert int(scontrol_field(job.job_id, "Restarts")) >= 1
