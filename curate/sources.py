@@ -15,15 +15,15 @@ import os
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from curate.errors import CurateError
 from dinoforge.data.dataset_spec import detect_layout, shard_paths
 from dinoforge.data.errors import DatasetError
 from dinoforge.data.file_list import read_file_list
-from dinoforge.data.formats import image_member
-from dinoforge.data.tar_members import member_problem, split_key
+from dinoforge.data.tar_reader import TarDamage, TarMember, iter_tar_members, read_span
+from dinoforge.data.tar_samples import StrayMember, TarSample, group_samples
 
 SOURCE_KINDS = ("auto", "folder", "tar", "webdataset", "filelist")
 # Which symbolic links a source's reader follows: "inside" those that resolve inside the source folder, "all", "none".
@@ -177,37 +177,32 @@ def read_filelist(list_path: str, name: str, max_bytes: int, follow_symlinks: st
 
 def read_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[RawInput]:
     """Every member of a tar file (any compression) except folders; locator = member name."""
-    for member, raw in _iter_tar(tar_path, name, max_bytes):
-        raw.locator = member
-        yield raw
+    _check_tar_file(tar_path, name)
+    for item in iter_tar_members(tar_path, max_bytes=max_bytes):
+        if isinstance(item, TarDamage):
+            yield _damage_row(item, name, tar_path, "")
+        else:
+            yield _member_row(item, name, tar_path, item.name)
 
 
 def read_webdataset(spec: str, name: str, max_bytes: int) -> Iterator[RawInput]:
     """Samples of WebDataset shards: a brace pattern, a glob, a folder of `*.tar`, or one tar.
 
-    A sample is a run of consecutive members sharing a key (the member path up to the first dot of its basename);
-    its image is the first member with an image extension. Locator = "<shard file name>/<key>".
+    Samples are the shared key grouper's (`dinoforge.data.tar_samples`); a sample's row holds its image member.
+    Locator = "<shard file name>/<key>"; a member that belongs to no sample is a rejected row of its own
+    ("<shard file name>/<member>").
     """
     for shard in expand_shards(spec, name):
-        shard_name = Path(shard).name
-        group_key: str | None = None
-        group: list[tuple[str, RawInput]] = []
-        for member, raw in _iter_tar(shard, name, max_bytes):
-            key, ext = _split_key(member)
-            if raw.member is None:  # the archive itself failed: flush what we have and report the tail
-                if group:
-                    yield _sample_of(group, shard_name, group_key)
-                    group = []
-                raw.locator = f"{shard_name}/{member}"
-                yield raw
-                continue
-            if key != group_key and group:
-                yield _sample_of(group, shard_name, group_key)
-                group = []
-            group_key = key
-            group.append((ext, raw))
-        if group:
-            yield _sample_of(group, shard_name, group_key)
+        _check_tar_file(shard, name)
+        prefix = f"{Path(shard).name}/"
+        for item in group_samples(iter_tar_members(shard, max_bytes=max_bytes)):
+            if isinstance(item, TarDamage):
+                yield _damage_row(item, name, shard, prefix)
+            elif isinstance(item, StrayMember):
+                row = _member_row(item.member, name, shard, prefix + item.member.name)
+                yield replace(row, data=None, reject_reason=item.reason)
+            else:
+                yield _sample_row(item, name, shard, prefix + item.key)
 
 
 def expand_shards(spec: str, name: str) -> list[str]:
@@ -218,61 +213,29 @@ def expand_shards(spec: str, name: str) -> list[str]:
         raise SourceError(f"source {name!r}: {err}") from None
 
 
-def _split_key(member: str) -> tuple[str, str]:
-    return split_key(member) or (member, "")
-
-
-def _sample_of(group: list[tuple[str, RawInput]], shard_name: str, key: str | None) -> RawInput:
-    locator = f"{shard_name}/{key}"
-    image_ext = image_member(ext for ext, _ in group)
-    for ext, raw in group:
-        if ext == image_ext:
-            raw.locator = locator
-            return raw
-    first = group[0][1]
-    bad = [raw.reject_reason for _, raw in group if raw.reject_reason]
-    reason = bad[0] if bad else f"sample has no image member (members: {', '.join(e or '<none>' for e, _ in group)})"
-    return RawInput(first.source, locator, first.file, first.member, None, None, reason)
-
-
-def _iter_tar(tar_path: str, name: str, max_bytes: int) -> Iterator[tuple[str, RawInput]]:
-    """(member name, RawInput) for every non-folder member; a corrupt tail becomes one final rejected input."""
-    path = Path(tar_path)
-    if not path.is_file():
+def _check_tar_file(tar_path: str, name: str) -> None:
+    if not Path(tar_path).is_file():
         raise SourceError(f"source {name!r}: tar file {tar_path!r} does not exist or is not a file")
-    seekable = not _is_compressed(path)
-    count = 0
-    try:
-        tar = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        yield "<archive>", RawInput(name, "<archive>", str(path), None, None, None,
-                                    f"unreadable tar archive: {type(err).__name__}: {err}")
-        return
-    with tar:
-        while True:
-            try:
-                info = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as err:
-                yield f"<truncated after {count} members>", RawInput(
-                    name, "", str(path), None, None, None,
-                    f"tar truncated or corrupt after {count} members: {type(err).__name__}: {err}")
-                return
-            if info is None:
-                return
-            if info.isdir():
-                continue
-            count += 1
-            raw = RawInput(name, info.name, str(path), info.name, info.offset_data if seekable else None)
-            raw.reject_reason = member_problem(info, max_bytes)
-            if raw.reject_reason is None:
-                try:
-                    handle = tar.extractfile(info)
-                    raw.data = handle.read() if handle is not None else None
-                    if raw.data is None or len(raw.data) != info.size:
-                        raise EOFError(f"read {0 if raw.data is None else len(raw.data)} of {info.size} bytes")
-                except (tarfile.TarError, OSError, EOFError) as err:
-                    raw.data, raw.reject_reason = None, f"unreadable tar member: {type(err).__name__}: {err}"
-            yield info.name, raw
+
+
+def _member_row(member: TarMember, name: str, tar_path: str, locator: str) -> RawInput:
+    return RawInput(name, locator, str(Path(tar_path)), member.name, member.offset, member.data, member.reject_reason)
+
+
+def _sample_row(sample: TarSample, name: str, tar_path: str, locator: str) -> RawInput:
+    """The row of a sample: its image member, or (no usable image) its first member with the reason."""
+    image_ext = sample.image_ext()
+    if image_ext is not None:
+        return _member_row(sample.members[image_ext], name, tar_path, locator)
+    first = next(iter(sample.members.values()))
+    return RawInput(name, locator, str(Path(tar_path)), first.name, None, None, sample.reject_reason())
+
+
+def _damage_row(damage: TarDamage, name: str, tar_path: str, prefix: str) -> RawInput:
+    """The one row standing for what an unreadable or damaged archive still held (the uid comes from the locator,
+    so it names the damage's place, not its message)."""
+    where = f"<truncated after {damage.members_read} members>" if damage.opened else "<archive>"
+    return RawInput(name, prefix + where, str(Path(tar_path)), reject_reason=damage.reason)
 
 
 def _read_file(path: Path, name: str, locator: str, max_bytes: int) -> RawInput:
@@ -291,12 +254,6 @@ def _read_file(path: Path, name: str, locator: str, max_bytes: int) -> RawInput:
     return raw
 
 
-def _is_compressed(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        magic = fh.read(6)
-    return magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
-
-
 class SampleReader:
     """Reads the bytes of ingested samples again (embedding, shards, report), keeping a few archives open."""
 
@@ -310,9 +267,7 @@ class SampleReader:
             if member is None:
                 return Path(file).read_bytes()
             if offset is not None:
-                fh = self._handle(file, lambda: open(file, "rb"))
-                fh.seek(offset)
-                data = fh.read(size)
+                data = read_span(self._handle(file, lambda: open(file, "rb")), offset, size)
             else:  # compressed tar: no random access, tarfile scans the archive once and caches its index
                 tar = self._handle(file, lambda: tarfile.open(file, "r:*"))
                 handle = tar.extractfile(member)

@@ -322,6 +322,21 @@ def test_gzip_detection_does_not_confuse_plain_tars(tmp_path, photos):
     assert rows[0]["offset"] == 512 and rows[0]["status"] == "ok"  # read in place: random access later
 
 
+def test_members_of_no_sample_are_rejected_rows_with_their_own_uids(tmp_path, photos):
+    """The shared key grouper's strays (no extension, a second .jpg, a key coming back) each become a row, so every
+    member of a shard is accounted for and no two rows share a uid."""
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.jpg", photos[0]), ("a.JPG", photos[1]), ("README", b"hi"), ("b.jpg", photos[2]),
+                           ("a.json", b"{}")):
+            _add(tar, name, data)
+    rows = {r.locator: r.reject_reason for r in read_source(str(shard), "webdataset", "w", 1 << 20)}
+    assert rows["s.tar/a"] is None and rows["s.tar/b"] is None
+    assert rows["s.tar/a.JPG"] == "duplicate member .jpg for key 'a'"
+    assert rows["s.tar/README"].startswith("member name has no extension")
+    assert "appears again" in rows["s.tar/a.json"] and len(rows) == 5
+
+
 def test_folder_of_shards_includes_compressed_ones(tmp_path, photos):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -1,18 +1,16 @@
 """Random access into WebDataset tar shards: scan the headers once, then read any sample by seeking.
 
 Streaming readers see a shard only in order; evaluation and exact-resume training need sample `i` on demand. A
-shard is scanned once (tar headers only, the data is skipped by seeking), each member is checked
-(`dinoforge.data.tar_members`: safe names, regular files only) and grouped by WebDataset key (`dir/key.ext`, the
-extension is everything after the first dot of the basename, lowercased, as webdataset does). A rejected member or
-sample is recorded with its reason, never dropped silently.
+shard is scanned once (tar headers only, the data is skipped by seeking) by the shared member loop and key grouper
+(`dinoforge.data.tar_reader`, `dinoforge.data.tar_samples`: safe names, regular files only, WebDataset keys). A
+rejected member or sample is recorded with its reason, never dropped silently.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from tqdm import tqdm
 
 from dinoforge.data.decode import ImageDecodeError
 from dinoforge.data.errors import DatasetError
-from dinoforge.data.formats import image_member, label_member
-from dinoforge.data.tar_members import is_webdataset_metadata, member_problem, split_key
+from dinoforge.data.tar_reader import TarDamage, iter_tar_members, read_span
+from dinoforge.data.tar_samples import StrayMember, TarSample, group_samples
 
 logger = logging.getLogger(__name__)
 
@@ -41,70 +39,45 @@ class ShardScan:
 
 
 def scan_shard(path: str | Path) -> ShardScan:
-    """Scan the headers of the tar at `path` into a `ShardScan`; raise `OSError`/`tarfile.TarError` if unreadable."""
+    """Scan the headers of the tar at `path` into a `ShardScan`; raise `OSError` if it cannot be opened or is
+    compressed (a compressed tar has no offsets to seek to)."""
     scan = ShardScan(str(path))
-    members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> ext -> (offset, size), in order of appearance
-    with tarfile.open(path, mode="r:") as tar:
-        for info in _members_until_damage(tar, scan):
-            where = f"{path}:{info.name}"
-            if info.isdir():
-                continue
-            reason = member_problem(info)
-            if reason is not None:
-                scan.rejected.append((where, reason))
-                continue
-            if is_webdataset_metadata(info.name):
-                continue
-            parts = split_key(info.name)
-            if parts is None:
-                scan.rejected.append((where, "member name has no extension, so it belongs to no sample"))
-                continue
-            key, ext = parts
-            exts = members.setdefault(key, {})
-            if ext in exts:
-                scan.rejected.append((where, f"duplicate member .{ext} for key {key!r}"))
-                continue
-            exts[ext] = (info.offset_data, info.size)
-    for key, exts in members.items():
-        image_ext = image_member(exts)
-        if image_ext is None:
-            scan.rejected.append((f"{path}:{key}", f"sample has no image member (members: {', '.join(sorted(exts))})"))
-            continue
-        label_ext = label_member(exts) or ""
-        scan.keys.append(key)
-        scan.image_ext.append(image_ext)
-        scan.image_span.append(exts[image_ext])
-        scan.label_ext.append(label_ext)
-        scan.label_span.append(exts[label_ext] if label_ext else (0, 0))
+    for item in group_samples(iter_tar_members(path, read_data=False)):
+        if isinstance(item, TarDamage):
+            if not item.opened:
+                raise OSError(item.reason)
+            # Members before the damage stay usable; a member whose data is cut short fails when read, per sample.
+            scan.rejected.append((scan.path, item.reason))
+        elif isinstance(item, StrayMember):
+            scan.rejected.append((f"{path}:{item.member.name}", item.reason))
+        else:
+            _add_sample(scan, item)
     return scan
 
 
-def _members_until_damage(tar: tarfile.TarFile, scan: ShardScan) -> Iterator[tarfile.TarInfo]:
-    """The members of `tar`; a truncated or corrupt tail is recorded as a rejection and ends the scan.
+def _add_sample(scan: ShardScan, sample: TarSample) -> None:
+    """Add `sample` to `scan`, or record its rejected members (or, with none, why it has no image)."""
+    if any(m.offset is None for m in sample.members.values()):
+        raise OSError(f"{scan.path} is a compressed tar: random access needs an uncompressed one")
+    rejected = [m for m in sample.members.values() if m.reject_reason]
+    scan.rejected += [(f"{scan.path}:{m.name}", m.reject_reason) for m in rejected]
+    image_ext = sample.image_ext()
+    if image_ext is None:
+        if not rejected:
+            scan.rejected.append((f"{scan.path}:{sample.key}", sample.reject_reason()))
+        return
+    usable = sample.usable()
+    label_ext = sample.label_ext() or ""
+    scan.keys.append(sample.key)
+    scan.image_ext.append(image_ext)
+    scan.image_span.append((usable[image_ext].offset, usable[image_ext].size))
+    scan.label_ext.append(label_ext)
+    scan.label_span.append((usable[label_ext].offset, usable[label_ext].size) if label_ext else (0, 0))
 
-    Members before the damage stay usable; a member whose data is cut short fails when read, per sample.
-    """
-    count = 0
-    while True:
-        try:
-            info = tar.next()
-        except (OSError, tarfile.TarError) as err:
-            scan.rejected.append((f"{scan.path}", f"tar truncated or corrupt after {count} member(s): {err}"))
-            return
-        if info is None:
-            return
-        count += 1
-        yield info
 
-
-def read_span(path: str, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset` of the file at `path`; a short read (file changed or truncated) is an OSError."""
+def _read_at(path: str, offset: int, size: int) -> bytes:
     with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: expected {size} bytes at offset {offset}, got {len(data)} (shard truncated?)")
-    return data
+        return read_span(f, offset, size)
 
 
 def parse_label(data: bytes, ext: str) -> int:
@@ -139,7 +112,7 @@ class TarShardSource:
                 raise FileNotFoundError(f"tar shard not found: {path}")
             try:
                 scan = scan_shard(path)
-            except (OSError, tarfile.TarError) as err:
+            except OSError as err:
                 raise DatasetError(f"{path}: not a readable tar archive ({err}); remove it from the dataset") from None
             shard_id = len(self.shards)
             self.shards.append(path)
@@ -167,7 +140,7 @@ class TarShardSource:
 
     def read(self, index: int) -> bytes:
         offset, size = self._image_span[index]
-        return read_span(self.shards[self._shard_of[index]], int(offset), int(size))
+        return _read_at(self.shards[self._shard_of[index]], int(offset), int(size))
 
     def label(self, index: int) -> int:
         ext = self._label_ext[index]
@@ -175,7 +148,7 @@ class TarShardSource:
             return -1
         offset, size = self._label_span[index]
         shard = self.shards[self._shard_of[index]]
-        data = read_span(shard, int(offset), int(size))
+        data = _read_at(shard, int(offset), int(size))
         try:
             return parse_label(data, ext)
         except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too

@@ -4,8 +4,9 @@ Pipeline of small stages: shard list -> split by node (rank) -> split by DataLoa
 transform. `resampled=True` draws shards with replacement forever from a generator seeded by (seed, rank, worker),
 so every rank and worker reads its own random shard sequence (no list splitting is needed, and none would be
 correct with replacement); `resampled=False` reads each shard once, split disjointly over ranks then workers.
-A shard that cannot be read, a sample without an image, or an image that does not decode is counted, logged with
-its shard and key, and skipped.
+Tars are read by the shared member loop and key grouper of `dinoforge.data` (as by curation and the random-access
+scan). A shard that cannot be read, a sample without an image, or an image that does not decode is counted, logged
+with its shard and key, and skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dinoforge.data.dataset_spec import shard_paths
 from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, ImageDecodeError, decode_image, log_decoder
 from dinoforge.data.error_counter import DecodeErrorCounter
 from dinoforge.data.formats import image_member, label_member
+from dinoforge.data.tar_reader import TarDamage, iter_tar_members
+from dinoforge.data.tar_samples import StrayMember, group_samples
 from dinoforge.data.tar_shards import parse_label
 from dinoforge.launch import is_distributed, launch_place
 from pretrain.data.seeding import STREAM_SHARDS, derive_seed
@@ -84,7 +87,7 @@ def webdataset_stream(
         if len(shards) < world:
             logger.warning("only %d shard(s) for %d ranks: some ranks will read nothing", len(shards), world)
         source = [wds.SimpleShardList(shards), partial(split_by_rank, rank=rank, world=world), wds.split_by_worker]
-    stages: list[Any] = [*source, wds.tarfile_to_samples(handler=ShardErrorHandler(shard_errors))]
+    stages: list[Any] = [*source, TarSampleStage(shard_errors)]
     if shuffle_buffer > 1:
         stages.append(partial(shuffle_samples, buffer_size=shuffle_buffer, seed=seed, rank=rank))
     policy = DEFAULT_POLICY if max_pixels is None else replace(DEFAULT_POLICY, max_pixels=max_pixels)
@@ -112,16 +115,33 @@ def shuffle_samples(src: Iterable[Any], buffer_size: int, seed: int, rank: int) 
     yield from buffer
 
 
-class ShardErrorHandler:
-    """webdataset error handler: count and log a shard-level error, then continue with the next shard."""
+class TarSampleStage:
+    """Pipeline stage: shard dicts (`url`) -> webdataset-style sample dicts, by the shared tar member loop and key
+    grouper (`dinoforge.data.tar_reader`, `dinoforge.data.tar_samples`).
+
+    A sample without a usable image is passed on with its reason (`__reject__`) for `DecodeStage` to count with the
+    samples that do not decode; an unreadable or damaged shard is counted and logged (its samples before the damage
+    are read); a member that belongs to no sample is logged.
+    """
 
     def __init__(self, counter: DecodeErrorCounter) -> None:
         self.counter = counter
 
-    def __call__(self, exn: Exception) -> bool:
-        self.counter.add()
-        logger.warning("skipping unreadable shard data: %s: %s", type(exn).__name__, exn)
-        return True
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in src:
+            url = shard["url"]
+            for item in group_samples(iter_tar_members(url)):
+                if isinstance(item, TarDamage):
+                    self.counter.add()
+                    logger.warning("skipping unreadable shard data in %s: %s", url, item.reason)
+                elif isinstance(item, StrayMember):
+                    logger.warning("skipping tar member %s in %s: %s", item.member.name, url, item.reason)
+                else:
+                    sample: dict[str, Any] = {"__key__": item.key, "__url__": url}
+                    sample.update((ext, member.data) for ext, member in item.usable().items())
+                    if (reason := item.reject_reason()) is not None:
+                        sample["__reject__"] = reason
+                    yield sample
 
 
 class DecodeStage:
@@ -162,10 +182,10 @@ class DecodeStage:
             skipped = 0
 
     def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image, int]:
+        if "__reject__" in sample:
+            raise ImageDecodeError(sample["__reject__"])
         members = [k for k in sample if not k.startswith("__")]
         image_ext = image_member(members)
-        if image_ext is None:
-            raise ImageDecodeError(f"sample has no image member (members: {', '.join(members)})")
         image = decode_image(sample[image_ext], self.policy)
         label = -1
         label_ext = label_member(members)
