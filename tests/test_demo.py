@@ -181,3 +181,25 @@ def test_bad_data_stops_at_the_first_stage_with_one_line(tmp_path, kind):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"DATA={data}" in errors[0] and "Traceback" not in proc.stderr
     assert "-m curate" not in proc.stdout
+
+
+def test_own_folder_without_labels_runs_and_says_why_knn_is_skipped(tmp_path):
+    """DATA=a flat folder: curation, training, distillation and release run; every k-NN row says it was skipped."""
+    from dinoforge.data.demo_images import write_demo_images
+
+    generated = tmp_path / "generated"
+    write_demo_images(generated, per_class=12, val_per_class=2, size=48)
+    data = tmp_path / "holiday"  # flat: no class sub-folders
+    data.mkdir()
+    for i, image in enumerate(sorted((generated / "train").rglob("*.*"))):
+        image.rename(data / f"{i:04d}{image.suffix}")
+    demo = tmp_path / "demo"
+    proc = run_make(demo, f"DATA={data}", "DEMO_STEPS=8", "DISTILL_STEPS=8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["knn_skipped"].startswith("k-NN skipped") and "class sub-folders" in summary["knn_skipped"]
+    assert [m["label"] for m in summary["models"]] == ["teacher", "student vit_tiny_d2, distilled"]
+    assert all(m["knn_top1"] is None and m["parameters"] for m in summary["models"])
+    assert summary["curation"]["images_in"] == 120 and summary["curation"]["decontaminated"] == 0
+    assert "k-NN skipped" in proc.stdout and str(data) in summary["data"]
+    assert len(summary["releases"]) == 2

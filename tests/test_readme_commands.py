@@ -391,16 +391,17 @@ def test_readme_python_block_runs(block: str, workspace: Workspace):
 
 
 def demo_is_tested(workspace: Workspace) -> None:
-    """`make demo` (with DATA or SLURM) runs for minutes: tests/test_demo.py runs its stage commands."""
-    test_demo = REPO / "tests" / "test_demo.py"
-    has_target = re.search(r"^demo:", (REPO / "Makefile").read_text(), re.M)
-    if not has_target and not test_demo.exists():
-        pytest.skip("make demo has not landed yet (no Makefile target, no tests/test_demo.py)")
-    assert test_demo.is_file(), "the Makefile has a demo target but tests/test_demo.py (the demo's test) is missing"
-    text = test_demo.read_text()
-    assert re.search(r"^def test_", text, re.M), "tests/test_demo.py holds no test"
-    for stage in ("curate", "pretrain", "evaluation"):
-        assert stage in text, f"tests/test_demo.py does not run the demo's {stage} stage"
+    """`make demo` runs for minutes: tests/test_demo.py runs its stage targets at a reduced size (the default data and
+    DATA=folder), tests/test_slurm_demo.py with SLURM=1."""
+    demo, slurm = (REPO / "tests" / name for name in ("test_demo.py", "test_slurm_demo.py"))
+    assert re.search(r"^demo:", (REPO / "Makefile").read_text(), re.M), "the Makefile has no demo target"
+    text = demo.read_text()
+    assert re.search(r"^def test_", text, re.M) and '"demo-summary"' in text, "tests/test_demo.py runs no demo"
+    for stage in ("-m curate run", "-m pretrain train", "-m pretrain distill", "-m evaluation knn",
+                  "-m pretrain release"):
+        assert stage in text, f"tests/test_demo.py does not check the demo's `{stage}` stage"
+    assert 'f"DATA={data}"' in text, "tests/test_demo.py runs no demo with DATA="
+    assert '"SLURM=1"' in slurm.read_text(), "tests/test_slurm_demo.py runs no demo with SLURM=1"
 
 
 def make_test_is_ci(workspace: Workspace) -> None:
