@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.headline import headline  # noqa: E402
 from bench.timing import Clock  # noqa: E402
-from curate.dedup import exact_duplicates  # noqa: E402
+from curate.dedup import NETWORK_THRESHOLDS, exact_duplicates  # noqa: E402
 from curate.dedup_partitions import merge_partitions, query_partition  # noqa: E402
 from curate.index import IndexConfig, build_index, plan_index  # noqa: E402
 from curate.knn_graph import range_pairs, resolve_use_gpu  # noqa: E402
@@ -211,8 +211,10 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=0,
                         help="--index: rows gather around this many centres, as image embeddings do (0: isotropic)")
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--threshold", type=float, default=0.6)
-    parser.add_argument("--eval-threshold", type=float, default=0.45)
+    parser.add_argument("--threshold", type=float, default=NETWORK_THRESHOLDS[0],
+                        help="copy cosine (default: the dedup config's for network embeddings)")
+    parser.add_argument("--eval-threshold", type=float, default=NETWORK_THRESHOLDS[1],
+                        help="decontamination cosine (default: the dedup config's for network embeddings)")
     parser.add_argument("--n-eval", type=int, default=None, help="evaluation images (default: 1%% of --n)")
     parser.add_argument("--dup-fraction", type=float, default=0.05)
     parser.add_argument("--use-gpu", default="auto", help="auto | gpu | cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from curate.cluster import ClusterConfig
 from curate.dedup import DedupConfig
-from curate.embed_config import EmbedConfig, default_thresholds
+from curate.embed_config import EmbedConfig
 from curate.index import IndexConfig
 from curate.ingest import IngestConfig, SourceConfig
 from curate.report import ReportConfig
@@ -64,11 +64,7 @@ class CurateConfig:
 
     def __post_init__(self) -> None:
         # Thresholds belong to the embedding: unset ones take the defaults of the embedding dedup runs on.
-        dedup_default, eval_default = default_thresholds((self.dedup_embed or self.embed).kind)
-        if self.dedup.threshold is None:
-            self.dedup.threshold = dedup_default
-        if self.dedup.eval_threshold is None:
-            self.dedup.eval_threshold = eval_default
+        self.dedup.fill_default_thresholds((self.dedup_embed or self.embed).kind)
 
     @property
     def run_dir(self) -> Path:

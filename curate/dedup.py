@@ -26,6 +26,12 @@ from curate.knn_graph import GPU_MAX_K, knn_search, range_pairs
 log = logging.getLogger(__name__)
 
 KEEP_RULES = ("first_uid", "first_row")
+# The one home of the thresholds' defaults, by the embedding dedup runs on: (dedup.threshold, dedup.eval_threshold)
+# cosines. DINOv2's (Oquab et al. 2023) were chosen for SSCD copy-detection features and serve every network
+# embedding; the weight-free copydetect descriptor puts unrelated photos near cosine 0.6, so it has its own, measured
+# on planted copies (see curate.copydetect).
+NETWORK_THRESHOLDS = (0.6, 0.45)
+COPYDETECT_THRESHOLDS = (0.8, 0.75)
 
 
 @dataclass
@@ -34,7 +40,7 @@ class DedupConfig:
 
     k: int = 64  # neighbours per image in the kNN graph
     # Cosines at or above which two pool images are copies, and a pool image is a copy of an evaluation image.
-    # None: the dedup embedding's own (curate.embed.default_thresholds; DINOv2's 0.6 / 0.45 for networks).
+    # None: the default of the embedding dedup runs on (`fill_default_thresholds`).
     threshold: float | None = None
     eval_threshold: float | None = None
     keep: str = "first_uid"  # which member of a duplicate group survives: smallest uid, or first row
@@ -50,6 +56,15 @@ class DedupConfig:
             value = getattr(self, key)
             if value is not None and not -1.0 <= value <= 1.0:
                 raise ValueError(f"dedup.{key}={value}: a cosine similarity threshold must lie in [-1, 1]")
+
+    def fill_default_thresholds(self, embed_kind: str) -> None:
+        """Set the unset thresholds to the defaults that fit an embedding of `embed_kind` (`COPYDETECT_THRESHOLDS`
+        for the copydetect descriptor, `NETWORK_THRESHOLDS` for every network)."""
+        threshold, eval_threshold = COPYDETECT_THRESHOLDS if embed_kind == "copydetect" else NETWORK_THRESHOLDS
+        if self.threshold is None:
+            self.threshold = threshold
+        if self.eval_threshold is None:
+            self.eval_threshold = eval_threshold
 
 
 class UnionFind:
@@ -160,7 +175,7 @@ def near_duplicates_from_edges(n: int, i: np.ndarray, j: np.ndarray, uids: Seque
     return representatives(component, uids, keep), component
 
 
-def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold: float = 0.6,
+def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold: float = NETWORK_THRESHOLDS[0],
                     keep: str = "first_uid", use_gpu: bool | str = "auto",
                     index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Copies among `emb` rows: (duplicate_of_index (-1 = kept), component_id (= smallest row of the component)).
@@ -178,7 +193,7 @@ def near_duplicates(emb: np.ndarray, uids: Sequence[str], k: int = 64, threshold
     return duplicate_of, component
 
 
-def contamination_matches(pool_emb: np.ndarray, eval_emb: np.ndarray, threshold: float = 0.45,
+def contamination_matches(pool_emb: np.ndarray, eval_emb: np.ndarray, threshold: float = NETWORK_THRESHOLDS[1],
                           component_id: np.ndarray | None = None,
                           use_gpu: bool | str = "auto",
                           index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -216,9 +231,9 @@ def spread_contamination(eval_index: np.ndarray, eval_sim: np.ndarray, component
     return out
 
 
-def decontaminate(pool_emb: np.ndarray, eval_emb: np.ndarray, eval_uids: Sequence[str], threshold: float = 0.45,
-                  component_id: np.ndarray | None = None, use_gpu: bool | str = "auto",
-                  index_cfg: IndexConfig | None = None) -> list[str | None]:
+def decontaminate(pool_emb: np.ndarray, eval_emb: np.ndarray, eval_uids: Sequence[str],
+                  threshold: float = NETWORK_THRESHOLDS[1], component_id: np.ndarray | None = None,
+                  use_gpu: bool | str = "auto", index_cfg: IndexConfig | None = None) -> list[str | None]:
     """The matched eval uid per pool row, None when clean; a component touching an eval image goes whole."""
     if len(eval_uids) != len(eval_emb):
         raise ValueError(f"{len(eval_uids)} eval uids for {len(eval_emb)} eval embeddings")

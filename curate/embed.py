@@ -45,15 +45,12 @@ class Embedder:
 
     def __init__(self, name: str, dim: int, transform: Callable[[Image.Image], torch.Tensor],
                  forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None,
-                 decode_size: int | None = None, recommended_thresholds: tuple[float, float] | None = None,
-                 autocast: bool = True) -> None:
+                 decode_size: int | None = None, autocast: bool = True) -> None:
         self.name = name
         self.dim = dim
         self.transform = transform
         self.device = device or torch.device("cpu")
         self.decode_size = decode_size  # JPEG draft decoding may stop at this side (faster decoding of big files)
-        # (dedup, decontamination) cosine thresholds measured for this embedding; None: use the config's.
-        self.recommended_thresholds = recommended_thresholds
         # bf16 autocast on CUDA for networks; off for descriptors whose thresholds were calibrated in fp32
         self.autocast = autocast
         self._forward = forward
@@ -120,11 +117,10 @@ def build_embedder(cfg: EmbedConfig) -> Embedder:
     if cfg.kind == "open_clip":
         return _open_clip_embedder(cfg, device)
     if cfg.kind == "copydetect":
-        from curate.copydetect import RECOMMENDED_EVAL_THRESHOLD, RECOMMENDED_THRESHOLD, CopyDetectDescriptor
+        from curate.copydetect import CopyDetectDescriptor
 
         desc = CopyDetectDescriptor()
-        return Embedder(desc.name, desc.dim, desc.transform, desc, device, desc.input_size,
-                        (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD), autocast=False)
+        return Embedder(desc.name, desc.dim, desc.transform, desc, device, desc.input_size, autocast=False)
     raise ValueError(f"embed.kind={cfg.kind!r}: use one of {', '.join(KINDS)}")
 
 

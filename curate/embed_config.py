@@ -1,5 +1,5 @@
-"""Which embedding a curation run computes, and the dedup thresholds that fit it; torch-free, so that a curation
-config loads (and ingest runs) without torch."""
+"""Which embedding a curation run computes; torch-free, so that a curation config loads (and ingest runs) without
+torch."""
 
 from __future__ import annotations
 
@@ -8,18 +8,6 @@ from dataclasses import dataclass
 from dinoforge.models.config import PretrainedModelConfig
 
 KINDS = ("dinov2", "open_clip", "random_vit", "copydetect")
-# DINOv2's dedup / decontamination cosines (Oquab et al. 2023), chosen for SSCD copy-detection network features; the
-# default for the network embeddings. The weight-free copydetect descriptor has its own (see `default_thresholds`).
-NETWORK_THRESHOLDS = (0.6, 0.45)
-# The weight-free copydetect descriptor puts unrelated photos near cosine 0.6: its own (dedup, decontamination).
-COPYDETECT_THRESHOLDS = (0.8, 0.75)
-
-
-def default_thresholds(kind: str) -> tuple[float, float]:
-    """(dedup, decontamination) cosine thresholds that fit an embedding of `kind`: the defaults of `dedup.threshold`
-    and `dedup.eval_threshold`. Unrelated photos sit near cosine 0.6 under copydetect, so DINOv2's 0.6 would remove
-    most of a pool there."""
-    return COPYDETECT_THRESHOLDS if kind == "copydetect" else NETWORK_THRESHOLDS
 
 
 @dataclass

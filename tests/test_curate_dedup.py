@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from curate.config import load_curate_config
-from curate.copydetect import RECOMMENDED_EVAL_THRESHOLD, RECOMMENDED_THRESHOLD
 from curate.dedup import (
+    COPYDETECT_THRESHOLDS,
     DedupConfig,
     UnionFind,
     components_from_edges,
@@ -264,8 +264,7 @@ def test_unset_thresholds_are_those_of_the_embedding_dedup_runs_on(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("sources: [{path: pool}]\nembed: {kind: copydetect}\n")  # no dedup section
     cfg = load_curate_config(path)
-    assert (cfg.dedup.threshold, cfg.dedup.eval_threshold) == (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD)
-    assert (RECOMMENDED_THRESHOLD, RECOMMENDED_EVAL_THRESHOLD) == (0.8, 0.75)
+    assert (cfg.dedup.threshold, cfg.dedup.eval_threshold) == COPYDETECT_THRESHOLDS == (0.8, 0.75)
     assert load_curate_config(path, ["embed.kind=random_vit"]).dedup.threshold == 0.6
     networks = load_curate_config(path, ["embed.kind=random_vit", "dedup.eval_threshold=0.5"]).dedup
     assert (networks.threshold, networks.eval_threshold) == (0.6, 0.5)  # a set value stays

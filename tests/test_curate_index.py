@@ -13,8 +13,7 @@ from curate_photos import photo_paths
 from PIL import Image
 
 from curate.config import load_curate_config
-from curate.copydetect import RECOMMENDED_THRESHOLD
-from curate.dedup import near_duplicates
+from curate.dedup import COPYDETECT_THRESHOLDS, near_duplicates
 from curate.dedup_partitions import query_partition
 from curate.index import AUTO_THRESHOLD, IndexConfig, build_index, plan_index
 from curate.knn_graph import range_pairs
@@ -173,7 +172,7 @@ def _run_config(tmp_path) -> str:
         Image.open(photos[i]).convert("RGB").save(pool / f"copy{i}.jpg", format="JPEG", quality=60)
     doc = {"name": "ivf", "runs_root": str(tmp_path / "runs"), "partitions": 2, "sources": [{"path": str(pool)}],
            "embed": {"kind": "copydetect", "num_workers": 0},
-           "dedup": {"threshold": RECOMMENDED_THRESHOLD, "eval_threshold": RECOMMENDED_THRESHOLD},
+           "dedup": {"threshold": COPYDETECT_THRESHOLDS[0], "eval_threshold": COPYDETECT_THRESHOLDS[0]},
            "report": {"thumb_size": 32, "max_groups": 2, "images_per_group": 2}}
     path = tmp_path / "ivf.yaml"
     path.write_text(yaml.safe_dump(doc))

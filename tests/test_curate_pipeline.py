@@ -25,7 +25,7 @@ from curate_photos import photo_paths
 from PIL import Image
 
 from curate.config import load_curate_config  # noqa: E402
-from curate.copydetect import RECOMMENDED_THRESHOLD  # noqa: E402
+from curate.dedup import COPYDETECT_THRESHOLDS  # noqa: E402
 from curate.manifest import check_accounting, read_manifest  # noqa: E402
 from curate.rundir import RunDir  # noqa: E402
 from curate.shards import verify_shards  # noqa: E402
@@ -87,7 +87,7 @@ def _config(inputs: dict, runs_root: Path) -> Path:
         "evals": [{"path": str(inputs["evals"]), "name": "evals"}],
         "embed": {"kind": "copydetect", "batch_size": 32, "num_workers": 0},
         # The copy-detection descriptor's own operating point (DINOv2's 0.6 / 0.45 are for SSCD features).
-        "dedup": {"threshold": RECOMMENDED_THRESHOLD, "eval_threshold": RECOMMENDED_THRESHOLD},
+        "dedup": {"threshold": COPYDETECT_THRESHOLDS[0], "eval_threshold": COPYDETECT_THRESHOLDS[0]},
         "retrieve": {"mode": "sample", "n_per_seed": 12},
         "shards": {"max_count": 16, "max_bytes": 1 << 20},
         "report": {"thumb_size": 48, "max_groups": 4, "images_per_group": 4},
@@ -380,7 +380,7 @@ def test_separate_dedup_embedding(tmp_path):
            "evals": [{"path": str(evals)}],
            "embed": {"kind": "random_vit", "arch": "vit_tiny", "patch_size": 16, "image_size": 64, "num_workers": 0},
            "dedup_embed": {"kind": "copydetect"},
-           "dedup": {"threshold": RECOMMENDED_THRESHOLD, "eval_threshold": RECOMMENDED_THRESHOLD},
+           "dedup": {"threshold": COPYDETECT_THRESHOLDS[0], "eval_threshold": COPYDETECT_THRESHOLDS[0]},
            "select": {"method": "balanced", "n_balanced": 8}, "cluster": {"n_clusters": [4, 2]}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(doc))
     cfg = load_curate_config(tmp_path / "two.yaml")

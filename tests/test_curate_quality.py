@@ -38,8 +38,7 @@ from curate_photos import dataset_root
 from PIL import Image, ImageEnhance, ImageOps
 from supervised_embedder import train_supervised_embedder
 
-from curate.copydetect import RECOMMENDED_THRESHOLD
-from curate.dedup import exact_duplicates, near_duplicates
+from curate.dedup import COPYDETECT_THRESHOLDS, exact_duplicates, near_duplicates
 from curate.embed import EmbedConfig, Embedder, build_embedder, embed_images
 from curate.retrieve import RetrieveConfig, retrieve
 
@@ -113,14 +112,14 @@ def test_planted_copies_recall_and_precision(planted):
     embedder = build_embedder(EmbedConfig(kind="copydetect", device="cpu"))
     emb = embed_images(embedder, [planted["data"][i] for i in keep], batch_size=64, num_workers=2, progress=False)
     uids = [planted["uids"][i] for i in keep]
-    _, component = near_duplicates(emb, uids, k=64, threshold=RECOMMENDED_THRESHOLD, use_gpu="cpu")
+    _, component = near_duplicates(emb, uids, k=64, threshold=COPYDETECT_THRESHOLDS[0], use_gpu="cpu")
     row = {orig: pos for pos, orig in enumerate(keep)}
     found = sum(component[row[c]] == component[row[o]] for c, o in planted["partner"].items())
     _, sizes = np.unique(component, return_counts=True)
     predicted_pairs = int((sizes * (sizes - 1) // 2).sum())
     recall = found / N_COPIES
     precision = found / max(predicted_pairs, 1)
-    print(f"copy detection at cosine {RECOMMENDED_THRESHOLD}: recall {recall:.3f}, precision {precision:.3f} "
+    print(f"copy detection at cosine {COPYDETECT_THRESHOLDS[0]}: recall {recall:.3f}, precision {precision:.3f} "
           f"({found} of {N_COPIES} copies, {predicted_pairs} predicted pairs)")
     assert recall >= 0.95
     assert precision >= 0.99

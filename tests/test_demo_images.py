@@ -139,7 +139,8 @@ def test_copy_detection_finds_the_near_duplicates_and_few_natural_pairs(small):
     (median 0.96)."""
     import torch
 
-    from curate.copydetect import RECOMMENDED_THRESHOLD, CopyDetectDescriptor
+    from curate.copydetect import CopyDetectDescriptor
+    from curate.dedup import COPYDETECT_THRESHOLDS
 
     out, _, manifest = small
     descriptor = CopyDetectDescriptor()
@@ -149,13 +150,13 @@ def test_copy_detection_finds_the_near_duplicates_and_few_natural_pairs(small):
     index = {n: i for i, n in enumerate(names)}
     for entry in manifest["near_duplicates"]:
         similarity = float(features[index[entry["file"]]] @ features[index[entry["original"]]])
-        assert similarity >= RECOMMENDED_THRESHOLD + 0.02, entry
+        assert similarity >= COPYDETECT_THRESHOLDS[0] + 0.02, entry
     copies = {e["file"] for e in manifest["exact_copies"] + manifest["near_duplicates"] + manifest["contaminants"]}
     copies |= {e["original"] for e in manifest["exact_copies"] + manifest["near_duplicates"]}
     clean = [index[n] for n in names if n not in copies and n not in {e["file"] for e in manifest["tiny"]}]
     similarity = features[clean] @ features[clean].T
     similarity.fill_diagonal_(-1)
-    assert (similarity.max(1).values >= RECOMMENDED_THRESHOLD).float().mean() < 0.05
+    assert (similarity.max(1).values >= COPYDETECT_THRESHOLDS[0]).float().mean() < 0.05
 
 
 def test_second_write_is_skipped_and_other_arguments_replace_it(tmp_path, monkeypatch):

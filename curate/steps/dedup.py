@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from curate.embed_config import COPYDETECT_THRESHOLDS
+from curate.dedup import COPYDETECT_THRESHOLDS
 from curate.manifest import (
     DEDUP_SCHEMA,
     check_accounting,
