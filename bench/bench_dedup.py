@@ -4,7 +4,7 @@ Data: `--n` float16, L2-normalised random `--d`-dim embeddings, a fraction of th
 graph has edges and union-find has work), random sha256-like digests with some byte-identical repeats, and an
 `--n-eval` evaluation set. The baseline is what any dedup must do at least once: build a flat inner-product index
 of the float32 data and search every row's k+1 neighbours. Our step runs the pipeline's dedup code
-(`curate.dedup_partitions`) from the float16 input: exact dedup by digest, conversion to float32, the partition
+(`curate.dedup.partitions`) from the float16 input: exact dedup by digest, conversion to float32, the partition
 queries (kNN-graph edges above the threshold, best eval match, nearest-neighbour sample for the report), then the
 merge (union-find components, keep rule, contamination spread to whole components). Target (issue 5): ratio <= 1.3.
 
@@ -18,7 +18,7 @@ search is an upper bound of the whole step's ratio (global work + queries) / sea
     python bench/bench_dedup.py --n 100000           # a few minutes on 2 CPU cores
 
 `--index ivf|ivfpq|all` (issue 25) times the dedup kNN graph (index build, IVF training included, then k+1
-neighbours of the queried rows and the threshold, as in `curate.dedup_partitions`) with an approximate index against
+neighbours of the queried rows and the threshold, as in `curate.dedup.partitions`) with an approximate index against
 the exact flat one, and measures the recall of the exact graph's copy pairs (edges >= threshold). With
 `--query-fraction f` both search the same rows and the full-size time is extrapolated as build + search / f (search
 is linear in the queries); the recall is that of the pairs found from the queried rows. `--index flat` times the
@@ -44,10 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.headline import headline  # noqa: E402
 from bench.timing import Clock  # noqa: E402
-from curate.dedup import NETWORK_THRESHOLDS, exact_duplicates  # noqa: E402
-from curate.dedup_partitions import merge_partitions, query_partition  # noqa: E402
-from curate.index import IndexConfig, build_index, plan_index  # noqa: E402
-from curate.knn_graph import range_pairs, resolve_use_gpu  # noqa: E402
+from curate.dedup.config import NETWORK_THRESHOLDS  # noqa: E402
+from curate.dedup.kernels import exact_duplicates  # noqa: E402
+from curate.dedup.partitions import merge_partitions, query_partition  # noqa: E402
+from curate.knn.graph import range_pairs, resolve_use_gpu  # noqa: E402
+from curate.knn.index import IndexConfig, build_index, plan_index  # noqa: E402
 
 INDEX_CHOICES = ("flat", "ivf", "ivfpq", "all")
 TARGET_TIME_RATIO, TARGET_RECALL = 0.1, 0.99  # issue 25: >= 0.99 of the exact pairs in <= 1/10 of the time

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.headline import headline  # noqa: E402
-from curate.embed import EmbedConfig, build_embedder, decode_image, embed_images  # noqa: E402
+from curate.embedding.embed import EmbedConfig, build_embedder, decode_image, embed_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TAR = REPO.parent / "shared" / "data" / "imagenette2-224.tar"

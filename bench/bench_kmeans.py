@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.headline import headline  # noqa: E402
 from bench.timing import Clock  # noqa: E402
-from curate.cluster import ClusterConfig, hierarchical_kmeans, spherical_kmeans  # noqa: E402
-from curate.knn_graph import resolve_use_gpu  # noqa: E402
+from curate.knn.graph import resolve_use_gpu  # noqa: E402
+from curate.selection.cluster import ClusterConfig, hierarchical_kmeans, spherical_kmeans  # noqa: E402
 
 
 def make_data(n: int, d: int, seed: int) -> np.ndarray:

@@ -161,7 +161,7 @@ def attention_paths(device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-FAISS_STATUS_MODULES = ("curate.faiss_device", "curate.knn_graph")
+FAISS_STATUS_MODULES = ("curate.knn.faiss_device", "curate.knn.graph")
 
 
 def faiss_paths() -> dict:

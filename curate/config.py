@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curate.cluster import ClusterConfig
-from curate.dedup import DedupConfig
-from curate.embed_config import EmbedConfig
-from curate.index import IndexConfig
-from curate.ingest import IngestConfig, SourceConfig
-from curate.report import ReportConfig
-from curate.retrieve import RetrieveConfig
-from curate.shards import ShardConfig
+from curate.dedup.config import DedupConfig
+from curate.embedding.config import EmbedConfig
+from curate.knn.index import IndexConfig
+from curate.report.writer import ReportConfig
+from curate.selection.cluster import ClusterConfig
+from curate.selection.retrieve import RetrieveConfig
+from curate.shards.writer import ShardConfig
+from curate.sources.ingest import IngestConfig, SourceConfig
 from dinoforge.config import ConfigError, load_config
 
 SELECT_METHODS = ("auto", "retrieve", "balanced", "all")
@@ -53,7 +53,7 @@ class CurateConfig:
     # for retrieval; None: the `embed` embedding serves both.
     dedup_embed: EmbedConfig | None = None
     dedup: DedupConfig = field(default_factory=DedupConfig)
-    # How dedup's kNN graph, decontamination and retrieval index their embeddings: exact or IVF (curate.index).
+    # How dedup's kNN graph, decontamination and retrieval index their embeddings: exact or IVF (curate.knn.index).
     index: IndexConfig = field(default_factory=IndexConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from curate.embed import Embedder
+from curate.embedding.embed import Embedder
 
 STORAGE_SIDE = 112  # Imagewoof's shortest side; Imagenette photos are brought down to it first
 SIDE = 40  # stored thumbnail side

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from curate.cluster import (
+from curate.selection.cluster import (
     ClusterConfig,
     KMeansLevel,
     balanced_sample,
@@ -61,14 +61,14 @@ def test_spherical_kmeans_recovers_separated_blobs_deterministically():
 def test_kmeans_logs_its_training_sample(caplog):
     rng = np.random.default_rng(2)
     x, _ = blobs(rng, [500] * 4)
-    with caplog.at_level(logging.INFO, logger="curate.cluster"):
+    with caplog.at_level(logging.INFO, logger="curate.selection.cluster"):
         spherical_kmeans(x, 4, max_points_per_centroid=100, use_gpu="cpu")
     assert "max_points_per_centroid=100 -> training on 400 points" in caplog.text
 
 
 def test_kmeans_with_more_clusters_than_points_warns(caplog):
     x = np.eye(3, 8, dtype=np.float32)
-    with caplog.at_level(logging.WARNING, logger="curate.cluster"):
+    with caplog.at_level(logging.WARNING, logger="curate.selection.cluster"):
         centroids, assign = spherical_kmeans(x, 10, use_gpu="cpu")
     assert len(centroids) == 3 and sorted(assign.tolist()) == [0, 1, 2]
     assert "k=10 > 3 points" in caplog.text

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from curate.config import load_curate_config
-from curate.dedup import (
-    COPYDETECT_THRESHOLDS,
-    DedupConfig,
+from curate.dedup.config import COPYDETECT_THRESHOLDS, DedupConfig
+from curate.dedup.kernels import (
     UnionFind,
     components_from_edges,
     contamination_matches,
@@ -20,8 +19,8 @@ from curate.dedup import (
     near_duplicates_from_edges,
     representatives,
 )
-from curate.faiss_device import faiss_gpu_status
-from curate.knn_graph import gpu_available, knn_search, range_pairs, resolve_use_gpu, unique_edges
+from curate.knn.faiss_device import faiss_gpu_status
+from curate.knn.graph import gpu_available, knn_search, range_pairs, resolve_use_gpu, unique_edges
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 32) -> np.ndarray:

@@ -12,9 +12,9 @@ import torch
 from curate_photos import photo_paths
 from PIL import Image, ImageOps
 
-from curate.copydetect import CopyDetectDescriptor
-from curate.dedup import COPYDETECT_THRESHOLDS
-from curate.embed import EmbedConfig, build_embedder, decode_image, embed_images
+from curate.dedup.config import COPYDETECT_THRESHOLDS
+from curate.embedding.copydetect import CopyDetectDescriptor
+from curate.embedding.embed import EmbedConfig, build_embedder, decode_image, embed_images
 from dinoforge.config import ConfigError
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from curate import faiss_device
-from curate.cluster import spherical_kmeans
-from curate.faiss_device import NO_GPU, NO_GPU_SUPPORT, faiss_gpu_status, resolve_use_gpu
-from curate.index import build_index
-from curate.knn_graph import knn_search, range_pairs
+from curate.knn import faiss_device
+from curate.knn.faiss_device import NO_GPU, NO_GPU_SUPPORT, faiss_gpu_status, resolve_use_gpu
+from curate.knn.graph import knn_search, range_pairs
+from curate.knn.index import build_index
+from curate.selection.cluster import spherical_kmeans
 
 CUDA_ERROR = ("Error in void faiss::gpu::runL2Norm(...) at faiss/gpu/impl/L2Norm.cu:264: "
               "CUDA error 209 no kernel image is available for execution on the device")
@@ -87,7 +87,7 @@ def unit(rng, n, d=32):
 
 def test_auto_runs_on_cpu_with_the_reason_logged_once_when_gpu_search_fails(monkeypatch, caplog):
     fake_gpu(monkeypatch, RaisingGpuIndex)
-    with caplog.at_level(logging.INFO, logger="curate.faiss_device"):
+    with caplog.at_level(logging.INFO, logger="curate.knn.faiss_device"):
         assert resolve_use_gpu("auto") is False
         assert resolve_use_gpu("auto") is False
         assert build_index(unit(np.random.default_rng(0), 10), None, "auto").on_gpu is False
@@ -171,7 +171,7 @@ def test_a_gpu_that_passes_the_smoke_is_used(monkeypatch):
 def test_faiss_without_gpu_support_runs_on_cpu_without_a_warning(monkeypatch, caplog):
     monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
     monkeypatch.setattr(faiss_device, "_smoke_in_child", lambda: pytest.fail("no child for a CPU-only faiss"))
-    with caplog.at_level(logging.INFO, logger="curate.faiss_device"):
+    with caplog.at_level(logging.INFO, logger="curate.knn.faiss_device"):
         assert resolve_use_gpu("auto") is False
     assert faiss_gpu_status() == (False, NO_GPU_SUPPORT)
     [record] = caplog.records

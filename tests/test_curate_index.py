@@ -1,4 +1,4 @@
-"""curate.index: approximate indexes (IVF, IVF-PQ) with measured recall, auto's choice, config errors, and the
+"""curate.knn.index: approximate indexes (IVF, IVF-PQ) with measured recall, auto's choice, config errors, and the
 `index:` section driving dedup end to end (`python -m curate run CONFIG index.kind=ivf index.nlist=8`)."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from curate_photos import photo_paths
 from PIL import Image
 
 from curate.config import load_curate_config
-from curate.dedup import COPYDETECT_THRESHOLDS, near_duplicates
-from curate.dedup_partitions import query_partition
-from curate.index import AUTO_THRESHOLD, IndexConfig, build_index, plan_index
-from curate.knn_graph import range_pairs
+from curate.dedup.config import COPYDETECT_THRESHOLDS
+from curate.dedup.kernels import near_duplicates
+from curate.dedup.partitions import query_partition
+from curate.knn.graph import range_pairs
+from curate.knn.index import AUTO_THRESHOLD, IndexConfig, build_index, plan_index
 from curate.rundir import RunDir
 from dinoforge.config import ConfigError
 
@@ -106,8 +107,8 @@ def test_index_errors_that_need_the_data_name_the_key(tmp_path):
 
 def test_decontamination_and_retrieval_search_through_the_index_config():
     """Both take the `index:` section: a config that cannot index their database says so, naming the search."""
-    from curate.dedup import contamination_matches
-    from curate.retrieve import RetrieveConfig, retrieve
+    from curate.dedup.kernels import contamination_matches
+    from curate.selection.retrieve import RetrieveConfig, retrieve
 
     pool, small = planted(300), planted(20, seed=1)
     too_many_cells = IndexConfig(kind="ivf", nlist=21, nprobe=1)

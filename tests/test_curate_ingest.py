@@ -17,10 +17,11 @@ import pytest
 from curate_photos import photo_paths
 from PIL import Image
 
-from curate.decode import DecodeLimits, ImageRejected, decode_rgb, probe_image
-from curate.ingest import IngestConfig, SourceConfig, ingest_sources
 from curate.partition import parse_partition_list, partition_of
-from curate.sources import SampleReader, SourceError, expand_shards, make_uid, read_source
+from curate.sources.decode import DecodeLimits, ImageRejected, decode_rgb, probe_image
+from curate.sources.ingest import IngestConfig, SourceConfig, ingest_sources
+from curate.sources.readers import SourceError, expand_shards, make_uid, read_source
+from curate.sources.sample_reader import SampleReader
 
 LIMITS = DecodeLimits(max_pixels=4_000_000, min_side=16)
 

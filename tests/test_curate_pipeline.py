@@ -25,10 +25,10 @@ from curate_photos import photo_paths
 from PIL import Image
 
 from curate.config import load_curate_config  # noqa: E402
-from curate.dedup import COPYDETECT_THRESHOLDS  # noqa: E402
+from curate.dedup.config import COPYDETECT_THRESHOLDS  # noqa: E402
 from curate.manifest import check_accounting, read_manifest  # noqa: E402
 from curate.rundir import RunDir  # noqa: E402
-from curate.shards import verify_shards  # noqa: E402
+from curate.shards.writer import verify_shards  # noqa: E402
 from curate.steps import run_all, run_step  # noqa: E402
 from dinoforge.data.datasets import build_dataset  # noqa: E402
 from dinoforge.data.shard_index import read_index  # noqa: E402
@@ -225,7 +225,7 @@ def _same_outputs(a: RunDir, b: RunDir) -> None:
 _HELD_AFTER_ONE_PARTITION = """
 import sys, time
 from pathlib import Path
-from curate import store
+from curate.embedding import store
 from curate.__main__ import main
 
 write = store.EmbeddingStore.write_partition

@@ -15,12 +15,12 @@ import pytest
 from curate_photos import photo_paths
 from PIL import Image
 
-from curate.decode import DecodeLimits
-from curate.ingest import IngestConfig, SourceConfig, ingest_sources
 from curate.manifest import DEDUP_SCHEMA, RETRIEVE_SCHEMA, derive_status, set_columns, write_manifest
-from curate.report import ReportConfig, write_report
-from curate.report_html import histogram_svg
+from curate.report.html_blocks import histogram_svg
+from curate.report.writer import ReportConfig, write_report
 from curate.rundir import RunDir
+from curate.sources.decode import DecodeLimits
+from curate.sources.ingest import IngestConfig, SourceConfig, ingest_sources
 
 EVIL = "<b onclick='steal()'>x&amp;.jpg"
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from curate.retrieve import RetrieveConfig, resolve_mode, retrieve
+from curate.selection.retrieve import RetrieveConfig, resolve_mode, retrieve
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 24) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_auto_mode_by_seed_set_size(caplog):
     cfg = RetrieveConfig(mode="auto", auto_threshold=100)
     assert resolve_mode(cfg, 100, have_clusters=True) == "sample"
     assert resolve_mode(cfg, 99, have_clusters=True) == "cluster"
-    with caplog.at_level(logging.WARNING, logger="curate.retrieve"):
+    with caplog.at_level(logging.WARNING, logger="curate.selection.retrieve"):
         assert resolve_mode(cfg, 99, have_clusters=False) == "sample"
     assert "no cluster assignments" in caplog.text
     with pytest.raises(ValueError, match="run the cluster step"):

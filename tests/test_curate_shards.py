@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from curate.shards import ShardWriter, plan_shards, shard_name, verify_shards
+from curate.shards.writer import ShardWriter, plan_shards, shard_name, verify_shards
 from dinoforge.data.shard_index import read_index, write_index
 from dinoforge.hashing import file_sha256
 

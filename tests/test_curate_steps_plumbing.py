@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import curate.steps.dedup
+from curate.embedding.store import EmbeddingStore, EmbeddingStoreError
 from curate.rundir import RunDir, fingerprint
 from curate.steps import STEPS, Step, downstream, runner, step_named
 from curate.steps.runner import StepOrderError, expected_fingerprint, invalidate_later, owning_step, semantic
-from curate.store import EmbeddingStore, EmbeddingStoreError
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -103,8 +103,8 @@ def _planted(n: int, d: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("n_partitions", [1, 3, 7])
 def test_partitioned_dedup_equals_in_memory_dedup(n_partitions):
-    from curate.dedup import decontaminate, near_duplicates
-    from curate.dedup_partitions import merge_partitions, query_partition
+    from curate.dedup.kernels import decontaminate, near_duplicates
+    from curate.dedup.partitions import merge_partitions, query_partition
 
     x = _planted(300, 32, 0)
     evals = np.concatenate([x[[0, 40, 299]] + 0.02, _planted(5, 32, 1)])
@@ -126,7 +126,7 @@ def test_partitioned_dedup_equals_in_memory_dedup(n_partitions):
 
 
 def test_partition_queries_roundtrip(tmp_path):
-    from curate.dedup_partitions import PartitionQueries, query_partition
+    from curate.dedup.partitions import PartitionQueries, query_partition
 
     x = _planted(40, 8, 2)
     found = query_partition(x, np.arange(0, 40, 2), None, 4, 0.5, np.array([0, 10]), "cpu")

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from test_data_fixtures import write_tar
 
-from curate.decode import DecodeLimits, decode_rgb, probe_image
-from curate.embed import decode_image as embed_decode
+from curate.embedding.embed import decode_image as embed_decode
+from curate.sources.decode import DecodeLimits, decode_rgb, probe_image
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.decode import DEFAULT_POLICY, DecodePolicy, decode_image
 from dinoforge.data.transforms import to_rgb as eval_to_rgb

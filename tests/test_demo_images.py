@@ -110,7 +110,7 @@ def test_planted_kinds_are_what_the_manifest_says(small):
 
 
 def test_curation_ingest_rejects_exactly_the_corrupt_and_tiny_files(small):
-    from curate.decode import DecodeLimits, probe_image
+    from curate.sources.decode import DecodeLimits, probe_image
 
     out, _, manifest = small
     bad = {entry["file"] for entry in manifest["corrupt"] + manifest["tiny"]}
@@ -139,8 +139,8 @@ def test_copy_detection_finds_the_near_duplicates_and_few_natural_pairs(small):
     (median 0.96)."""
     import torch
 
-    from curate.copydetect import CopyDetectDescriptor
-    from curate.dedup import COPYDETECT_THRESHOLDS
+    from curate.dedup.config import COPYDETECT_THRESHOLDS
+    from curate.embedding.copydetect import CopyDetectDescriptor
 
     out, _, manifest = small
     descriptor = CopyDetectDescriptor()

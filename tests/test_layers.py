@@ -132,9 +132,9 @@ def test_packages_import_only_the_layers_below_them(package):
 
 def test_function_level_imports_are_edges(tmp_path):
     probe = tmp_path / "m.py"
-    probe.write_text("import os\n\ndef f():\n    from pretrain.train import train\n    import curate.ingest\n")
-    modules = {"pretrain.train": probe, "curate.ingest": probe, "evaluation.m": probe}
-    assert imported_modules(probe, "evaluation.m", modules) == {"pretrain.train", "curate.ingest"}
+    probe.write_text("import os\n\ndef f():\n    from pretrain.train import train\n    import curate.sources.ingest\n")
+    modules = {"pretrain.train": probe, "curate.sources.ingest": probe, "evaluation.m": probe}
+    assert imported_modules(probe, "evaluation.m", modules) == {"pretrain.train", "curate.sources.ingest"}
 
 
 INGEST_WITHOUT_HEAVY_IMPORTS = """

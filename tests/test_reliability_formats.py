@@ -13,8 +13,8 @@ import yaml
 from PIL import Image, features
 
 from curate.config import load_curate_config
-from curate.decode import DecodeLimits, probe_image
-from curate.ingest import IngestConfig, SourceConfig, ingest_sources
+from curate.sources.decode import DecodeLimits, probe_image
+from curate.sources.ingest import IngestConfig, SourceConfig, ingest_sources
 from dinoforge.config import ConfigError
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.decode import ImageDecodeError, decode_image

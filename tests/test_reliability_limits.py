@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 
 from curate.config import load_curate_config
-from curate.decode import DecodeLimits, decode_rgb, probe_image
-from curate.ingest import IngestConfig, SourceConfig, ingest_sources
+from curate.sources.decode import DecodeLimits, decode_rgb, probe_image
+from curate.sources.ingest import IngestConfig, SourceConfig, ingest_sources
 from dinoforge.config import ConfigError
 from dinoforge.data.decode import ImageDecodeError, decode_image
 

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from curate.config import load_curate_config
-from curate.ingest import IngestConfig, SourceConfig, ingest_sources
 from curate.rundir import RunDir
+from curate.sources.ingest import IngestConfig, SourceConfig, ingest_sources
 from curate.steps import run_step
 from dinoforge.config import ConfigError
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.decode import DecodeLimits, probe_image
-from curate.ingest import IngestConfig, SourceConfig, ingest_sources
+from curate.sources.decode import DecodeLimits, probe_image
+from curate.sources.ingest import IngestConfig, SourceConfig, ingest_sources
 from dinoforge.config import ConfigError
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.decode import ImageDecodeError, decode_image

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from curate.embed import EmbedConfig, build_embedder
+from curate.embedding.embed import EmbedConfig, build_embedder
 from dinoforge.config import load_config
 from dinoforge.models import load_pretrained
 from dinoforge.models.loading import load_backbone as build_eval_backbone

@@ -33,7 +33,7 @@ def config(cfg: CurateConfig) -> dict:
 
 def run(cfg: CurateConfig, context: StepContext) -> dict:
     """Cluster the pool; write clusters/levelN_centroids.npy and the manifest's cluster_lN columns."""
-    from curate.cluster import assign_to_centroids, hierarchical_kmeans, parent_clusters  # faiss
+    from curate.selection.cluster import assign_to_centroids, hierarchical_kmeans, parent_clusters  # faiss
 
     rundir = context.rundir
     table = read_manifest(rundir.manifest)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from curate.dedup import COPYDETECT_THRESHOLDS
+from curate.dedup.config import COPYDETECT_THRESHOLDS
 from curate.manifest import (
     DEDUP_SCHEMA,
     check_accounting,
@@ -46,8 +46,8 @@ def config(cfg: CurateConfig) -> dict:
 
 def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     """Query the partitions of this call; once every partition is queried, merge and write the dedup columns."""
-    from curate.dedup import exact_duplicates  # faiss: imported only when deduplicating
-    from curate.dedup_partitions import PartitionQueries, merge_partitions, query_partition
+    from curate.dedup.kernels import exact_duplicates  # faiss: imported only when deduplicating
+    from curate.dedup.partitions import PartitionQueries, merge_partitions, query_partition
 
     rundir = context.rundir
     _warn_uncalibrated_thresholds(cfg)

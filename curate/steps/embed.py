@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from curate.embedding.store import EmbeddingStore
 from curate.errors import CurateError
 from curate.manifest import mask_of, read_manifest
 from curate.rundir import THIS_CALL, RunDir
-from curate.sources import SampleReader
-from curate.store import EmbeddingStore
+from curate.sources.sample_reader import SampleReader
 
 if TYPE_CHECKING:
     from curate.config import CurateConfig
@@ -31,7 +31,7 @@ def config(cfg: CurateConfig) -> dict:
 
 def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     """Embed the partitions of this call; the summary once every partition of every embedding is done."""
-    from curate.embed import build_embedder, embed_images  # torch: imported only when embedding
+    from curate.embedding.embed import build_embedder, embed_images  # torch: imported only when embedding
 
     rundir = context.rundir
     embedders, settings = [build_embedder(cfg.embed)], [cfg.embed]

@@ -9,8 +9,8 @@ import dataclasses
 import hashlib
 from typing import TYPE_CHECKING
 
-from curate.ingest import ingest_sources
 from curate.manifest import check_accounting, mask_of, write_manifest
+from curate.sources.ingest import ingest_sources
 
 if TYPE_CHECKING:
     from curate.config import CurateConfig

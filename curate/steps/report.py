@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from curate.report import write_report
+from curate.report.writer import write_report
 from curate.rundir import THIS_CALL
 
 if TYPE_CHECKING:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from curate.errors import CurateError
-from curate.ingest import source_name
 from curate.manifest import (
     CLUSTER_PREFIX,
     RETRIEVE_SCHEMA,
@@ -23,6 +22,7 @@ from curate.manifest import (
     set_columns,
     write_manifest,
 )
+from curate.sources.ingest import source_name
 from curate.steps.embed import embedding_store
 from dinoforge.atomic import atomic_write_json
 
@@ -49,8 +49,8 @@ def selection_method(cfg: CurateConfig) -> str:
 
 def run(cfg: CurateConfig, context: StepContext) -> dict:
     """Select pool images; write the manifest's selection columns and retrieval/summary.json."""
-    from curate.cluster import balanced_sample  # faiss
-    from curate.retrieve import retrieve as retrieve_for_seed_set
+    from curate.selection.cluster import balanced_sample  # faiss
+    from curate.selection.retrieve import retrieve as retrieve_for_seed_set
 
     rundir = context.rundir
     table = derive_status(drop_columns(read_manifest(rundir.manifest), RETRIEVE_SCHEMA.names))

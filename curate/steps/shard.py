@@ -16,9 +16,16 @@ from tqdm import tqdm
 
 from curate.manifest import read_manifest
 from curate.rundir import THIS_CALL
-from curate.shard_plan import PARTS_DIR, finished_shard, image_extension, plan_all_shards, record_shard, sample_metadata
-from curate.shards import ShardWriter, shard_name
-from curate.sources import SampleReader
+from curate.shards.plan import (
+    PARTS_DIR,
+    finished_shard,
+    image_extension,
+    plan_all_shards,
+    record_shard,
+    sample_metadata,
+)
+from curate.shards.writer import ShardWriter, shard_name
+from curate.sources.sample_reader import SampleReader
 from dinoforge.data.shard_index import write_index
 
 if TYPE_CHECKING:

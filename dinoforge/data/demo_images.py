@@ -278,10 +278,10 @@ def _near_duplicate(data: bytes, rng: np.random.Generator) -> tuple[bytes, dict]
     """A cropped (97-100% of each side), resized (0.85-1.2x) copy re-encoded at a lower JPEG quality, and how it was
     made (so a test can redo the geometry and compare pixels).
 
-    Mild on purpose: curation's weight-free copy detector (curate.copydetect, cosine 0.8) sees these small periodic
-    patterns change more under a crop or a re-encoding than photos. Of the 50 copies of the default dataset, crops of
-    90-97% with 4:2:0 chroma at quality 55-80 put 10 below 0.8; 97-100% crops with 4:2:0 still 2 (seed 2); these
-    settings none (the lowest cosine is 0.84-0.88 on seeds 0-2)."""
+    Mild on purpose: curation's weight-free copy detector (curate.embedding.copydetect, cosine 0.8) sees these small
+    periodic patterns change more under a crop or a re-encoding than photos. Of the 50 copies of the default dataset,
+    crops of 90-97% with 4:2:0 chroma at quality 55-80 put 10 below 0.8; 97-100% crops with 4:2:0 still 2 (seed 2);
+    these settings none (the lowest cosine is 0.84-0.88 on seeds 0-2)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     width, height = image.size
     cw, ch = (round(side * rng.uniform(0.97, 1.0)) for side in (width, height))

@@ -3,7 +3,7 @@
 Each partition searches its own rows against the whole deduplication base (the pool images left after exact
 dedup) and against the evaluation sets, and saves what it found: kNN-graph edges at or above the copy threshold,
 every row's best evaluation match, and nearest-neighbour similarities of a sample (for the report). The merge joins
-the edges of all partitions into components (`curate.dedup.near_duplicates_from_edges`, the same union-find and
+the edges of all partitions into components (`curate.dedup.kernels.near_duplicates_from_edges`, the same union-find and
 keep rule as the in-memory `near_duplicates`) and spreads contamination to whole components. Run in one process or
 as many tasks, the result is the same.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.dedup import near_duplicates_from_edges, spread_contamination
-from curate.index import IndexConfig, build_index, plan_index
-from curate.knn_graph import knn_search, range_pairs, unique_edges
+from curate.dedup.kernels import near_duplicates_from_edges, spread_contamination
+from curate.knn.graph import knn_search, range_pairs, unique_edges
+from curate.knn.index import IndexConfig, build_index, plan_index
 from dinoforge.atomic import atomic_write
 
 
@@ -47,7 +47,7 @@ class PartitionQueries:
             return cls(**{f.name: data[f.name] for f in fields(cls)})
 
     def plans(self) -> dict:
-        """{search: the `curate.index.IndexPlan` it used, as a dict (None: nothing was indexed)}."""
+        """{search: the `curate.knn.index.IndexPlan` it used, as a dict (None: nothing was indexed)}."""
         return json.loads(str(self.index_plans))
 
 
@@ -56,7 +56,7 @@ def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | N
                     shards: Sequence[np.ndarray] | None = None, cache: Path | None = None) -> PartitionQueries:
     """Search `rows` of `base` against all of `base` (edges >= threshold) and against `eval_emb` (best match).
 
-    Both indexes are built as `index_cfg` says (`curate.index`; None: flat); `shards` (the base rows of each
+    Both indexes are built as `index_cfg` says (`curate.knn.index`; None: flat); `shards` (the base rows of each
     partition) are added to an IVF index in turn, and `cache` keeps its trained cells for the other partitions.
     """
     rows = np.asarray(rows, dtype=np.int64)

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from curate.faiss_device import resolve_use_gpu
-from curate.knn_graph import as_float32, knn_search
+from curate.knn.faiss_device import resolve_use_gpu
+from curate.knn.graph import as_float32, knn_search
 
 log = logging.getLogger(__name__)
 # faiss is imported where it is called: curation's config imports this module, and ingest runs without faiss.

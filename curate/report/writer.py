@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.decode import DecodeLimits
 from curate.manifest import STATUSES, cluster_columns, read_manifest
-from curate.report_html import Tile, grid, group, histogram_svg, page, section, table
+from curate.report.html_blocks import Tile, grid, group, histogram_svg, page, section, table
 from curate.rundir import THIS_CALL, RunDir
-from curate.sources import SampleReader
+from curate.sources.decode import DecodeLimits
+from curate.sources.sample_reader import SampleReader
 from dinoforge.atomic import atomic_write_text
 from dinoforge.data.shard_index import INDEX_NAME, read_index
 

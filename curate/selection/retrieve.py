@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate.cluster import rank_within_groups
-from curate.index import IndexConfig
-from curate.knn_graph import as_float32, knn_search
+from curate.knn.graph import as_float32, knn_search
+from curate.knn.index import IndexConfig
+from curate.selection.cluster import rank_within_groups
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def sample_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, n_per_seed: int
                      index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool rows selected, index of the seed that brought each (the most similar), similarity), by pool row.
 
-    `index_cfg`: how the pool is indexed (`curate.index`; None: flat, exact)."""
+    `index_cfg`: how the pool is indexed (`curate.knn.index`; None: flat, exact)."""
     sims, ids = knn_search(pool_emb, seed_emb, n_per_seed, use_gpu=use_gpu, index_cfg=index_cfg, what="retrieval")
     seed_of = np.repeat(np.arange(len(seed_emb)), sims.shape[1])
     rows, sims = ids.ravel(), sims.ravel()

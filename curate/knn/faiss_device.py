@@ -88,7 +88,8 @@ def _check_kmeans(rng: np.random.Generator, n_gpus: int) -> None:
     centres = _unit(rng.standard_normal((k, d)))
     x = _unit(np.repeat(centres, 64, axis=0) + 0.1 * rng.standard_normal((64 * k, d)))
     params = dict(niter=10, seed=1, spherical=True, min_points_per_centroid=1, verbose=False)
-    # The same call as `curate.cluster.spherical_kmeans`; with the same seed both devices start from the same sample.
+    # The same call as `curate.selection.cluster.spherical_kmeans`; with the same seed both devices start from the
+    # same sample.
     gpu = faiss.Kmeans(d, k, gpu=True, **params)
     gpu.train(x)
     cpu = faiss.Kmeans(d, k, gpu=False, **params)

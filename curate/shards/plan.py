@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from curate.manifest import CLUSTER_PREFIX
-from curate.shards import plan_shards, shard_name
+from curate.shards.writer import plan_shards, shard_name
 from dinoforge.atomic import atomic_write_json
 from dinoforge.data.formats import EXTENSION_OF_FORMAT
 from dinoforge.data.shard_index import ShardEntry

@@ -10,7 +10,7 @@ Kinds:
   the normalised CLS token.
 - open_clip: an open_clip model from a local weights file (never downloaded at run time).
 - random_vit: a seeded random-init ViT, for tests of the plumbing (its neighbours mean little).
-- copydetect: the weight-free copy-detection descriptor of `curate.copydetect` (flip-invariant, crop- and
+- copydetect: the weight-free copy-detection descriptor of `curate.embedding.copydetect` (flip-invariant, crop- and
   re-encoding-tolerant); the default, and what the dedup quality test uses (numbers in that module).
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from curate.embed_config import KINDS, EmbedConfig
+from curate.embedding.config import KINDS, EmbedConfig
 from dinoforge.config import ConfigError
 from dinoforge.data.decode import decode_image as decode_pixels
 from dinoforge.data.decode import to_rgb
@@ -117,7 +117,7 @@ def build_embedder(cfg: EmbedConfig) -> Embedder:
     if cfg.kind == "open_clip":
         return _open_clip_embedder(cfg, device)
     if cfg.kind == "copydetect":
-        from curate.copydetect import CopyDetectDescriptor
+        from curate.embedding.copydetect import CopyDetectDescriptor
 
         desc = CopyDetectDescriptor()
         return Embedder(desc.name, desc.dim, desc.transform, desc, device, desc.input_size, autocast=False)

@@ -1,7 +1,7 @@
 """Cosine kNN search with faiss and the kNN-graph edges above a similarity threshold.
 
-The database is indexed by `curate.index`: exact (flat) unless an `IndexConfig` asks for IVF. faiss runs on the GPU
-when its smoke test passed in this process (`curate.faiss_device`), else on the CPU.
+The database is indexed by `curate.knn.index`: exact (flat) unless an `IndexConfig` asks for IVF. faiss runs on the GPU
+when its smoke test passed in this process (`curate.knn.faiss_device`), else on the CPU.
 
 Embeddings are L2-normalised, so the inner product is the cosine similarity and a flat inner-product index gives
 exact neighbours (IVF: exact similarities of the neighbours it finds). Queries run in chunks: memory stays bounded by
@@ -21,10 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 # gpu_available, resolve_use_gpu: where faiss runs, also imported from here by callers of this module
-from curate.faiss_device import gpu_available, resolve_use_gpu  # noqa: F401
+from curate.knn.faiss_device import gpu_available, resolve_use_gpu  # noqa: F401
 
-# as_float32, GPU_MAX_K: imported from here by the steps; the index itself lives in curate.index
-from curate.index import GPU_MAX_K, IndexConfig, VectorIndex, as_float32, build_index  # noqa: F401
+# as_float32, GPU_MAX_K: imported from here by the steps; the index itself lives in curate.knn.index
+from curate.knn.index import GPU_MAX_K, IndexConfig, VectorIndex, as_float32, build_index  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "au
                index_cfg: IndexConfig | None = None, what: str = "index") -> tuple[np.ndarray, np.ndarray]:
     """The `k` most similar database rows of every query: (sims float32 [nq, k], ids int64 [nq, k]).
 
-    `index_cfg`: how `xb` is indexed (`curate.index`; None: flat, exact); `what`: the index's name in messages.
+    `index_cfg`: how `xb` is indexed (`curate.knn.index`; None: flat, exact); `what`: the index's name in messages.
     When `k` exceeds the database size the extra columns hold id -1 and similarity -inf.
     """
     if k < 1:

@@ -15,7 +15,7 @@ from html import escape
 import numpy as np
 from PIL import Image
 
-from curate.decode import DecodeLimits, ImageRejected, decode_rgb
+from curate.sources.decode import DecodeLimits, ImageRejected, decode_rgb
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }

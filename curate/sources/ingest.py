@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from tqdm import tqdm
 
-from curate.decode import DecodeLimits, ImageProbe, probe_image
 from curate.manifest import new_manifest
 from curate.partition import partition_of
-from curate.sources import LINK_POLICIES, RawInput, SourceError, make_uid, read_source
+from curate.sources.decode import DecodeLimits, ImageProbe, probe_image
+from curate.sources.readers import LINK_POLICIES, RawInput, SourceError, make_uid, read_source
 from dinoforge.data.dataset_spec import TAR_SUFFIXES
 from dinoforge.data.file_list import FILE_LIST_SUFFIXES
 

@@ -24,7 +24,7 @@ union-find components; tests/test_curate_quality.py), at cosine 0.8: recall 0.98
 draw the block weights were tuned on, recall 0.99 / precision 0.997 on the test's own draw. The remaining "false"
 pairs are burst shots of one scene (a dog show, a garbage truck) and listing photos sharing a frame. Copies keep
 cosine >= 0.77 with their original in 99% of cases, while the most similar unrelated photo of a pool image has a
-median cosine of 0.61: so this descriptor needs its own thresholds (`curate.dedup.COPYDETECT_THRESHOLDS`, the
+median cosine of 0.61: so this descriptor needs its own thresholds (`curate.dedup.config.COPYDETECT_THRESHOLDS`, the
 dedup config's defaults under this embedding), not DINOv2's 0.6 / 0.45 (made for SSCD features). For decontamination
 at 0.75, 99.7% of copies of a 300-image eval set are caught and 0.07% of clean pool photos are flagged.
 

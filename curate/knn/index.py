@@ -14,7 +14,7 @@ Embeddings are L2-normalised, so the inner product is the cosine similarity, as 
   saves, else ivf (see docs/curation.md for the measurements behind the default).
 
 Results are deterministic: the training sample is drawn with `seed`, faiss's k-means is seeded, and rows are added
-in a fixed order (shard by shard, e.g. per partition). faiss runs on the GPU when `curate.faiss_device` says it can
+in a fixed order (shard by shard, e.g. per partition). faiss runs on the GPU when `curate.knn.faiss_device` says it can
 (the GPU IVF path is not covered by the CPU test suite).
 """
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curate.faiss_device import resolve_use_gpu, to_all_gpus
+from curate.knn.faiss_device import resolve_use_gpu, to_all_gpus
 from dinoforge.atomic import atomic_write_bytes
 from dinoforge.config import ConfigError
 

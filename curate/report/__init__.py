@@ -1,0 +1,1 @@
+"""The HTML curation report: its writer and its self-contained building blocks."""

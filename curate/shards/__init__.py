@@ -1,0 +1,1 @@
+"""WebDataset shard output: which sample goes into which shard, and the deterministic writer."""
