@@ -1,6 +1,6 @@
 """Readers for image sources: folders, tar files, WebDataset shards and file lists of local paths.
 
-Layout detection, file-list parsing, tar-member validation and WebDataset keys are the shared ones of
+Layout detection, file-list parsing, the tar member loop and the WebDataset key grouper are the shared ones of
 `dinoforge.data`; what curate adds is that every entry becomes a row. Every reader yields one `RawInput` per input
 sample, in a deterministic order, with the sample's bytes or a
 `reject_reason` when the bytes cannot be read safely (unreadable file or tar member, a member path escaping the tar,
