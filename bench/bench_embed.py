@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.headline import headline  # noqa: E402
+from bench.timing import Clock  # noqa: E402
 from curate.embedding.embed import EmbedConfig, build_embedder, decode_image, embed_images  # noqa: E402
+from curate.plan.costs import record_costs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TAR = REPO.parent / "shared" / "data" / "imagenette2-224.tar"
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--folder", default=None)
     parser.add_argument("--tar", default=str(DEFAULT_TAR))
+    parser.add_argument("--record", default=None, metavar="FILE", help="write the per-image CPU costs into this cost "
+                        "record (bench/costs.json: what `python -m curate plan` reads)")
     args = parser.parse_args()
 
     cfg = EmbedConfig(kind=args.kind, arch=args.arch, patch_size=args.patch_size, image_size=args.image_size,
@@ -81,16 +85,26 @@ def main() -> None:
     images = read_images(args.folder, args.tar, args.n)
     draft = 2 * embedder.decode_size if embedder.decode_size else None
     embed_images(embedder, images[: args.batch_size], args.batch_size, args.num_workers, progress=False)  # warm-up
+    clock = Clock()
     decode_s = decode_only(images, draft, args.num_workers)
-    start = time.perf_counter()
+    decode_cpu = clock.read()[1]
+    clock = Clock()
     embed_images(embedder, images, args.batch_size, args.num_workers, progress=False)
-    embed_s = time.perf_counter() - start
+    embed_s, embed_cpu = clock.read()
+    if args.record:  # CPU seconds (all threads): core-seconds per image, what the plan spreads over a task's cores
+        costs = {"decode_cpu_s_per_image": (decode_cpu / len(images), "CPU s / image",
+                                            f"decoding for {embedder.name} (JPEG draft size {draft})")}
+        if args.kind == "copydetect" and embedder.device.type == "cpu":
+            costs["copydetect_cpu_s_per_image"] = (embed_cpu / len(images), "CPU s / image",
+                                                   "copydetect embedding on CPU, decoding included")
+        record_costs(args.record, costs, sys.argv)
     print(json.dumps({
         "bench": "embed", "embedder": embedder.name, "dim": embedder.dim, "device": str(embedder.device),
         "images": len(images), "batch_size": args.batch_size, "num_workers": args.num_workers,
         "torch_threads": torch.get_num_threads(),
         "decode_only_images_per_s": round(len(images) / decode_s, 1),
         "embed_images_per_s": round(len(images) / embed_s, 1),
+        "decode_only_cpu_s": round(decode_cpu, 3), "embed_cpu_s": round(embed_cpu, 3),
         "ratio_embed_over_decode": round(decode_s / embed_s, 3),
         "headline": headline(f"{embedder.name} embedding rate / decode-only rate (1.0: decoding is the bottleneck)",
                              decode_s / embed_s, "decoding alone, same images, threads and draft size"),

@@ -20,7 +20,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -121,20 +120,12 @@ def run_bench(name: str, script: Path, flags: list[str], out: Path, timeout: flo
     return Outcome(name, "ok", seconds, headline=headline, flags=flags)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     """One line: CPU model and cores, GPUs, torch and the PIL build (the decoder the benches ran with)."""
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    sys.path.insert(0, str(REPO))
+    from dinoforge.machine import cpu_model, usable_cores  # torch-free
+
+    cores, usable = os.cpu_count() or 0, usable_cores()
     parts = [f"{cpu_model()}, {usable} cores" + (f" (of {cores})" if usable != cores else "")]
     gpus = ""
     if shutil.which("nvidia-smi"):
@@ -147,7 +138,6 @@ def machine() -> str:
         parts.append(f"torch {importlib.metadata.version('torch')}")
     except importlib.metadata.PackageNotFoundError:
         parts.append("no torch")
-    sys.path.insert(0, str(REPO))
     from dinoforge.data.decode import decoder_name  # torch-free
 
     parts.append(f"images decoded with {decoder_name()}")
