@@ -324,8 +324,8 @@ def test_gzip_detection_does_not_confuse_plain_tars(tmp_path, photos):
 
 
 def test_members_of_no_sample_are_rejected_rows_with_their_own_uids(tmp_path, photos):
-    """The shared key grouper's strays (no extension, a second .jpg, a key coming back) each become a row, so every
-    member of a shard is accounted for and no two rows share a uid."""
+    """What makes no usable sample (a member without an extension, a second .jpg, a key coming back) is a rejected row
+    of its own, so every member of a shard is accounted for and no two rows share a uid."""
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w") as tar:
         for name, data in (("a.jpg", photos[0]), ("a.JPG", photos[1]), ("README", b"hi"), ("b.jpg", photos[2]),

@@ -96,10 +96,13 @@ def test_samples_are_runs_of_consecutive_keys_in_order() -> None:
     assert keys == ["a", "b", "c"]
 
 
-def test_a_member_without_an_extension_is_a_stray_and_ends_no_sample() -> None:
-    out = list(group_samples(members("a.jpg", "README", "a.json")))
-    assert out[0] == StrayMember(members("README")[0], NO_EXTENSION)
-    assert isinstance(out[1], TarSample) and list(out[1].members) == ["jpg", "json"] and len(out) == 2
+def test_a_member_without_an_extension_is_keyed_by_its_whole_name() -> None:
+    (joined,) = group_samples(members("k.jpg", "k"))  # next to its key's members: one of them
+    assert list(joined.members) == ["jpg", ""] and joined.reject_reason() is None
+    (alone,) = group_samples(members("README"))
+    assert alone.key == "README" and alone.reject_reason() == NO_EXTENSION
+    (mixed,) = group_samples(members("m", "m.json"))
+    assert mixed.reject_reason() == "sample has no image member (members: <none>, json)"
 
 
 def test_webdataset_metadata_is_a_stray() -> None:

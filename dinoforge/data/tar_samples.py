@@ -3,9 +3,11 @@
 A WebDataset sample is a run of consecutive members sharing a key (`dir/key.ext`: the member path up to the first dot
 of its basename, `dinoforge.data.tar_members.split_key`). `group_samples` turns the records of
 `dinoforge.data.tar_reader.iter_tar_members` into `TarSample`s, and yields what belongs to no sample as a
-`StrayMember` with its reason instead of dropping it: a member without an extension, webdataset's own metadata
-(`__index__`...), a second member with a sample's extension, a key appearing again after other samples (keys stay
-unique, so a sample is never two things). A `TarDamage` passes through after the sample before it.
+`StrayMember` with its reason instead of dropping it: webdataset's own metadata (`__index__`...), a second member with
+a sample's extension, a key appearing again after other samples. Keys stay unique within a tar, so a sample's key
+(and curation's row for it) is never two things. A member without an extension has its whole name as key and an
+empty extension: next to its key's other members it joins them, alone it is a sample that says why it is unusable.
+A `TarDamage` passes through after the sample before it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ class TarSample:
         rejected = [m.reject_reason for m in self.members.values() if m.reject_reason]
         if rejected:
             return rejected[0]
-        return f"sample has no image member (members: {', '.join(sorted(self.members))})"
+        if list(self.members) == [""]:
+            return NO_EXTENSION
+        return f"sample has no image member (members: {', '.join(e or '<none>' for e in sorted(self.members))})"
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,10 @@ def group_samples(items: Iterable[TarMember | TarDamage]) -> Iterator[TarSample 
                 current = None
             yield item
             continue
-        parts = split_key(item.name)
-        if parts is None:
-            reason = METADATA if is_webdataset_metadata(item.name) else NO_EXTENSION
-            yield StrayMember(item, item.reject_reason or reason)
+        if is_webdataset_metadata(item.name):
+            yield StrayMember(item, item.reject_reason or METADATA)
             continue
-        key, ext = parts
+        key, ext = split_key(item.name) or (item.name, "")
         if current is not None and key != current.key:
             finished.add(current.key)
             yield current
