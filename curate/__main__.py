@@ -16,6 +16,7 @@ examples:
   python -m curate run configs/curate/cpu_demo.yaml
   python -m curate dedup configs/curate/imagenette.yaml dedup.threshold=0.5
   python -m curate embed CONFIG --partitions 3        # one Slurm array task
+  python -m curate plan CONFIG --images 1e9 --gpus 64  # the cost of a run before it is spent (plan --help)
 """
 
 
@@ -44,6 +45,11 @@ def build_parser(steps: Sequence[Step] = STEPS) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, steps: Sequence[Step] = STEPS) -> int:
     """`python -m curate`; `steps` is the registry it runs (a test may pass its own)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # not a step: it runs nothing (curate.plan)
+        from curate.plan.cli import main as plan_main
+
+        return plan_main(argv[1:])
     args = build_parser(steps).parse_intermixed_args(argv)  # options may follow the key=value overrides
     # After parsing, so that `--help` answers without loading the step configs.
     from curate.config import load_curate_config
