@@ -134,6 +134,7 @@ class Runner:
     slow: bool = False
     own_folder: bool = False  # runs in a folder of its own (its output would clash with another's), inputs linked
     mapped: str = ""  # not run: the name of the check that covers it (see MAPPED)
+    prints: tuple[str, ...] = ()  # what its output must hold
 
 
 SUBMIT = r"python -m slurm submit "
@@ -148,6 +149,9 @@ RUNNERS = [
            append=(*CURATE_TINY, "retrieve.min_seeds_per_cluster=1"),
            expect=("runs/curate/cpu_demo/shards/index.json", "runs/curate/cpu_demo/manifest.parquet",
                    "runs/curate/cpu_demo/report/index.html")),
+    Runner("curate_plan", r"python -m curate plan configs/curate/billion\.yaml --images 1e9 --gpus 64( .*)?",
+           "as written (it reads bench/costs.json)",
+           prints=("1,000,000,000 images on 64", "embed ", "dedup ", "cluster ", "total ", "measured")),
     Runner("curate_mine", r"python -m curate run configs/curate/cpu_demo\.yaml name=mine .*",
            "as written, /path/to/images -> a tiny ImageFolder", append=CURATE_TINY,
            expect=("runs/curate/mine/shards/index.json", "runs/curate/mine/manifest.parquet")),
@@ -258,6 +262,7 @@ class Workspace:
         self.root = root
         self.done: set[str] = set()
         (root / "configs").symlink_to(REPO / "configs")
+        (root / "bench").symlink_to(REPO / "bench")  # bench/costs.json, the cost record curate plan reads
         for label in range(2):
             write_images(root / "images" / "train" / f"class{label}", 8, label, seed=label)
             write_images(root / "images" / "val" / f"class{label}", 4, label, seed=10 + label)
@@ -274,15 +279,17 @@ class Workspace:
             for need in runner.needs:
                 self.build(need)
             cwd = self.own_folder(runner, "local") if runner.own_folder else self.root
-            run(argv_for(readme_command(key), runner), cwd)
+            done = run(argv_for(readme_command(key), runner), cwd)
             assert_artefacts(runner, cwd)
+            missing = [text for text in runner.prints if text not in done.stdout]
+            assert not missing, f"{runner.key}: its output lacks {missing}:\n{done.stdout[-3000:]}"
         self.done.add(key)
 
     def own_folder(self, runner: Runner, suffix: str) -> Path:
         """A working folder for one command: configs, images, data and its inputs linked from the workspace."""
         folder = self.root.parent / f"{self.root.name}-{runner.key}-{suffix}"
         folder.mkdir()
-        links = ["configs", "images", "data", *(output_of(BY_KEY[n]) if n in BY_KEY else STAND_INS[n]
+        links = ["configs", "bench", "images", "data", *(output_of(BY_KEY[n]) if n in BY_KEY else STAND_INS[n]
                                                  for n in runner.needs)]
         for link in links:
             (folder / link).parent.mkdir(parents=True, exist_ok=True)
