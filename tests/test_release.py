@@ -190,6 +190,37 @@ def test_a_distillation_teacher_and_evaluation_take_a_release(released, image_fo
     run(distill_args(image_folder, tmp_path, "from_release", released, [STUDENT_A], total_steps=2))
 
 
+def test_curation_embeds_with_a_run_its_export_a_release_a_student_and_a_bare_weights_file(
+        pretrain_run, released, image_folder, tmp_path):
+    """`embed.kind=dinov2 embed.weights=` takes every form of our models (issue 25 point 6): the run, its export
+    folder, its release and its bare backbone file (architecture from embed.*) give the same embeddings, the
+    backbone's own normalised CLS token; a distilled student's folder gives its own."""
+    import numpy as np
+
+    from curate.embedding.embed import EmbedConfig, build_embedder, decode_image, embed_images
+
+    images = sorted(image_folder.rglob("*.jpg"))[:4]
+    data = [path.read_bytes() for path in images]
+
+    def embedding(weights: Path, **arch: object) -> np.ndarray:
+        cfg = EmbedConfig(kind="dinov2", weights=str(weights), image_size=32, device="cpu", num_workers=0, **arch)
+        return embed_images(build_embedder(cfg), data, 4, 0, progress=False).astype(np.float32)
+
+    from_run = embedding(pretrain_run)
+    embedder = build_embedder(EmbedConfig(kind="dinov2", weights=str(pretrain_run), image_size=32, device="cpu"))
+    with torch.no_grad():
+        x = torch.stack([embedder.transform(decode_image(item)) for item in data])
+        expected = torch.nn.functional.normalize(load_exported_backbone(pretrain_run)(x), dim=-1).numpy()
+    np.testing.assert_allclose(from_run, expected, atol=2e-3)  # stored as float16
+    bare = {"arch": "vit_tiny", "patch_size": 8, "depth": 2, "num_register_tokens": 4}
+    for weights, arch in ((pretrain_run / "export", {}), (released, {}), (released / "backbone.safetensors", bare)):
+        np.testing.assert_allclose(embedding(weights, **arch), from_run, atol=2e-3, err_msg=str(weights))
+    run(distill_args(image_folder, tmp_path, "student", pretrain_run, [STUDENT_A], total_steps=2))
+    student = tmp_path / "student" / "students" / "a"
+    from_student = embedding(student)
+    assert from_student.shape[0] == 4 and not np.allclose(from_student[:, :8], from_run[:, :8], atol=1e-2)
+
+
 # -- 3. the same outputs everywhere -------------------------------------------------------------------------------
 
 
