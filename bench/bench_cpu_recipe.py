@@ -92,23 +92,29 @@ def knn_curve(run_dir: Path) -> tuple[list[dict], float]:
     return curve, sum(r["knn/seconds"] for r in records)
 
 
-def train_recipe(root: Path, out: Path, steps: int | None, curve_every: int = 0,
-                 changes: Sequence[str] = ()) -> tuple[Path, TrainConfig, float]:
-    """Run `cpu_tiny` with `changes` on root/train (through the CLI, as a user would); -> run dir, its config,
-    wall seconds."""
-    cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={root / 'train'}", *changes])
-    overrides = [f"data.dataset={root / 'train'}", *changes, f"output_dir={out}", "name=cpu_tiny",
-                 "checkpoint_every=0"]
+def pretrain_cpu_tiny(dataset: Path | str, out: Path, steps: int | None, changes: Sequence[str] = (),
+                      extra: Sequence[str] = (), name: str = "cpu_tiny") -> tuple[Path, TrainConfig, float]:
+    """Run `cpu_tiny` with `changes` on `dataset` (any spec `data.dataset` takes; through the CLI, as a user would),
+    `steps` long with the recipe's warm-ups scaled to it; `extra`: further overrides. -> run dir, config, seconds."""
+    cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={dataset}", *changes])
+    overrides = [f"data.dataset={dataset}", *changes, f"output_dir={out}", f"name={name}", "checkpoint_every=0"]
     if steps and steps != cfg.total_steps:
         overrides += schedule_overrides(cfg, steps)
-    if curve_every:
-        overrides += monitor_overrides(cfg, root, curve_every)
+    overrides += list(extra)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pretrain", "train", str(RECIPE), *overrides], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain train failed:\n{proc.stderr[-4000:]}")
-    return out / "cpu_tiny", load_config(TrainConfig, RECIPE, overrides), time.perf_counter() - started
+    return out / name, load_config(TrainConfig, RECIPE, overrides), time.perf_counter() - started
+
+
+def train_recipe(root: Path, out: Path, steps: int | None, curve_every: int = 0,
+                 changes: Sequence[str] = ()) -> tuple[Path, TrainConfig, float]:
+    """Run `cpu_tiny` with `changes` on root/train; -> run dir, its config, wall seconds."""
+    cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={root / 'train'}", *changes])
+    extra = monitor_overrides(cfg, root, curve_every) if curve_every else []
+    return pretrain_cpu_tiny(root / "train", out, steps, changes, extra)
 
 
 def run(root: Path, out: Path, steps: int | None, curve_every: int = 0, changes: Sequence[str] = ()) -> dict:

@@ -28,7 +28,6 @@ DINOv2 weights (DINOFORGE_DINOV2_WEIGHTS=path [DINOFORGE_DINOV2_ARCH=vit_small])
 
 from __future__ import annotations
 
-import io
 import os
 import random
 from pathlib import Path
@@ -36,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from curate_photos import dataset_root
-from PIL import Image, ImageEnhance, ImageOps
 from supervised_embedder import train_supervised_embedder
 
 from curate.dedup.config import COPYDETECT_THRESHOLDS
 from curate.dedup.kernels import exact_duplicates, near_duplicates
+from curate.dedup.planted import plant_copy
 from curate.embedding.embed import EmbedConfig, Embedder, build_embedder, embed_images
 from curate.selection.retrieve import RetrieveConfig, retrieve
 
@@ -51,27 +50,6 @@ N_EXACT = 20
 def _photos(name: str, split: str) -> list[Path]:
     root = dataset_root(name) / split
     return sorted(p for p in root.rglob("*.JPEG") if not p.name.startswith("ILSVRC2012_val_"))
-
-
-def plant_copy(data: bytes, rng: random.Random) -> bytes:
-    """A re-encoded, resized, maybe cropped / flipped / recoloured copy of an encoded photo."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    if rng.random() < 0.5:
-        w, h = image.size
-        cw, ch = round(0.9 * w), round(0.9 * h)
-        x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-        image = image.crop((x0, y0, x0 + cw, y0 + ch))
-    scale = rng.uniform(0.5, 2.0)
-    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.BICUBIC)
-    if rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    if rng.random() < 0.5:
-        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15))
-        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.85, 1.15))
-        image = ImageEnhance.Color(image).enhance(rng.uniform(0.8, 1.2))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=rng.randint(30, 90))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
