@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # `make test`'s pytest: everything but `gpu` and `long`, as two pytest processes side by side on the machine's cores (one
 # pytest process keeps under one core busy on average). The background one runs the Slurm tests first, whose minutes
-# go mostly to waiting on Slurm (time limits, requeues, the scheduler's 30 s checks), then the longest CPU test (the
-# cpu_tiny quality run); the foreground one runs the rest. The background output follows the foreground's; the
+# go mostly to waiting on Slurm (time limits, requeues, the scheduler's 30 s checks), then the longest CPU tests (the
+# cpu_tiny quality run, curation quality on real photos with its two trained embedders); the foreground one runs the
+# rest. The background output follows the foreground's; the
 # script fails when either run fails. usage: tests/run_suite.sh PYTHON [pytest args for both runs]
 set -uo pipefail
 py=$1
 shift
 cd "$(dirname "$0")/.."
-background_files=(tests/test_slurm_*.py tests/test_quality_signal.py)
+background_files=(tests/test_slurm_*.py tests/test_quality_signal.py tests/test_curate_quality.py)
 ignore=()
 for file in "${background_files[@]}"; do ignore+=("--ignore=$file"); done
 scratch=$(mktemp -d -t dinoforge-tests.XXXXXX)
