@@ -144,6 +144,13 @@ def test_dinov2_embedder_loads_weights_strictly(tmp_path, photos):
     assert embed_images(small, photos[:2], 2, 0, progress=False).shape == (2, 192)
 
 
+@pytest.mark.parametrize("size", [-1, 8, 15])
+def test_image_size_is_at_least_16_or_0_for_the_models_own(size):
+    with pytest.raises(ValueError, match="embed.image_size >= 16"):
+        EmbedConfig(image_size=size)
+    assert EmbedConfig(image_size=16).image_size == 16 and EmbedConfig().image_size == 0
+
+
 def test_dinov2_embedder_needs_weights():
     with pytest.raises(ValueError, match="needs embed.weights"):
         build_embedder(EmbedConfig(kind="dinov2", device="cpu"))

@@ -215,6 +215,21 @@ def test_curation_embeds_with_a_run_its_export_a_release_a_student_and_a_bare_we
     bare = {"arch": "vit_tiny", "patch_size": 8, "depth": 2, "num_register_tokens": 4}
     for weights, arch in ((pretrain_run / "export", {}), (released, {}), (released / "backbone.safetensors", bare)):
         np.testing.assert_allclose(embedding(weights, **arch), from_run, atol=2e-3, err_msg=str(weights))
+    # without embed.image_size, our models embed at the side they trained at; a bare file at official DINOv2's 224
+    own = json.loads((pretrain_run / "export" / "model.json").read_text())["img_size"]
+    assert own != 224
+    for weights in (pretrain_run, pretrain_run / "export", released):
+        assert build_embedder(EmbedConfig(kind="dinov2", weights=str(weights), device="cpu")).name.endswith(f"-{own}")
+    assert build_embedder(EmbedConfig(kind="dinov2", weights=str(released / "backbone.safetensors"), device="cpu",
+                                      **bare)).name.endswith("-224")
+    # and `curate plan` costs the run's own architecture at that side, not the embed.* defaults (vit_small/14)
+    from curate.plan.network_cost import network_cost
+    from dinoforge.models.flops import vit_forward_flops_analytic
+
+    cost = network_cost(EmbedConfig(kind="dinov2", weights=str(pretrain_run)))
+    assert cost.name == f"vit_tiny/8 at {own} px"
+    assert cost.flops_per_image == vit_forward_flops_analytic(embed_dim=192, depth=2, patch_size=8,
+                                                              crops=[(1, 3, own, own)], num_register_tokens=4)
     run(distill_args(image_folder, tmp_path, "student", pretrain_run, [STUDENT_A], total_steps=2))
     student = tmp_path / "student" / "students" / "a"
     from_student = embedding(student)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from curate.embedding.config import KINDS, EmbedConfig
+from curate.embedding.config import KINDS, EmbedConfig, embed_image_size
 from dinoforge.config import ConfigError
 from dinoforge.data.decode import decode_image as decode_pixels
 from dinoforge.data.decode import to_rgb
@@ -82,15 +82,16 @@ def _vit_embedder(cfg: EmbedConfig, device: torch.device, pretrained: bool) -> E
         raise ConfigError("embed.kind=dinov2 needs embed.weights: a pretrain run directory, or a checkpoint, "
                           "release or official DINOv2 file")
     # Official weights carry a 518 px position grid: built at the input size, the file's grid is interpolated once.
-    model_cfg = replace(cfg, img_size=cfg.image_size, weights=cfg.weights if pretrained else RANDOM_WEIGHTS)
+    size = embed_image_size(cfg)
+    model_cfg = replace(cfg, img_size=size, weights=cfg.weights if pretrained else RANDOM_WEIGHTS)
     model = load_backbone(model_cfg, key="embed.weights", interpolate_pos_embed=True).to(device)
     if not pretrained:
-        name = f"random_vit-{cfg.arch}{cfg.patch_size}-seed{cfg.seed}-{cfg.image_size}"
+        name = f"random_vit-{cfg.arch}{cfg.patch_size}-seed{cfg.seed}-{size}"
     elif is_run_directory(cfg.weights):  # our own pretrain run: its model config sets the architecture
-        name = f"dinov2-run-{Path(cfg.weights).resolve().name}-{cfg.image_size}"
+        name = f"dinov2-run-{Path(cfg.weights).resolve().name}-{size}"
     else:
-        name = f"dinov2-{cfg.arch}{cfg.patch_size}-{Path(cfg.weights).stem}-{cfg.image_size}"
-    return Embedder(name, model.embed_dim, vit_transform(cfg.image_size), model, device, cfg.image_size)
+        name = f"dinov2-{cfg.arch}{cfg.patch_size}-{Path(cfg.weights).stem}-{size}"
+    return Embedder(name, model.embed_dim, vit_transform(size), model, device, size)
 
 
 def _open_clip_embedder(cfg: EmbedConfig, device: torch.device) -> Embedder:
@@ -104,7 +105,7 @@ def _open_clip_embedder(cfg: EmbedConfig, device: torch.device) -> Embedder:
     model.eval().to(device)
     dim = int(model.visual.output_dim)
     name = f"open_clip-{cfg.open_clip_model}-{Path(cfg.open_clip_pretrained).stem}"
-    return Embedder(name, dim, preprocess, model.encode_image, device, cfg.image_size)
+    return Embedder(name, dim, preprocess, model.encode_image, device, embed_image_size(cfg))
 
 
 def build_embedder(cfg: EmbedConfig) -> Embedder:

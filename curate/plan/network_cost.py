@@ -8,9 +8,9 @@ to count: the plan times it at its measured CPU rate instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from curate.embedding.config import EmbedConfig
+from curate.embedding.config import EmbedConfig, embed_image_size, own_model_config
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,22 @@ def _vit_cost(cfg: EmbedConfig) -> NetworkCost:
     from dinoforge.models.flops import vit_forward_flops_analytic
     from dinoforge.models.vision_transformer import ARCHITECTURES
 
+    size = embed_image_size(cfg)
+    own = own_model_config(cfg)
+    if own:  # one of our runs, exports or releases: its own architecture, not the embed.* fields
+        cfg = replace(cfg, **{key: getattr(own, key) for key in
+                              ("arch", "depth", "patch_size", "num_register_tokens", "ffn_layer")})
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"embed.arch={cfg.arch!r}: use one of {', '.join(ARCHITECTURES)}")
     extra = {"depth": cfg.depth} if cfg.depth else {}
     with torch.device("meta"):
         model = ARCHITECTURES[cfg.arch](patch_size=cfg.patch_size, num_register_tokens=cfg.num_register_tokens,
-                                        img_size=cfg.image_size, ffn_layer=cfg.ffn_layer, **extra)
+                                        img_size=size, ffn_layer=cfg.ffn_layer, **extra)
     flops = vit_forward_flops_analytic(embed_dim=model.embed_dim, depth=len(model.blocks), patch_size=cfg.patch_size,
-                                       crops=[(1, 3, cfg.image_size, cfg.image_size)],
+                                       crops=[(1, 3, size, size)],
                                        num_register_tokens=cfg.num_register_tokens, ffn_layer=cfg.ffn_layer)
     params = sum(p.numel() for p in model.parameters())
-    return NetworkCost(f"{cfg.arch}/{cfg.patch_size} at {cfg.image_size} px", flops, params, model.embed_dim)
+    return NetworkCost(f"{cfg.arch}/{cfg.patch_size} at {size} px", flops, params, model.embed_dim)
 
 
 def _open_clip_cost(cfg: EmbedConfig) -> NetworkCost:
@@ -70,11 +75,12 @@ def _open_clip_cost(cfg: EmbedConfig) -> NetworkCost:
         raise ValueError(f"embed.open_clip_model={cfg.open_clip_model!r}: not a ViT open_clip knows "
                          "(the plan counts ViT towers only)")
     width, layers, patch = int(vision["width"]), int(vision["layers"]), int(vision["patch_size"])
+    size = embed_image_size(cfg)
     mlp_ratio = float(vision.get("mlp_ratio", 4.0))
     flops = vit_forward_flops_analytic(embed_dim=width, depth=layers, patch_size=patch,
-                                       crops=[(1, 3, cfg.image_size, cfg.image_size)], mlp_ratio=mlp_ratio)
+                                       crops=[(1, 3, size, size)], mlp_ratio=mlp_ratio)
     hidden = int(width * mlp_ratio)
     # per block: qkv + projection (4 w^2) and the MLP (2 w h), biases and norms left out (< 1%)
     params = layers * (4 * width * width + 2 * width * hidden) + 3 * patch * patch * width
-    return NetworkCost(f"open_clip {cfg.open_clip_model} at {cfg.image_size} px", flops, params,
+    return NetworkCost(f"open_clip {cfg.open_clip_model} at {size} px", flops, params,
                        int(arch["embed_dim"]))
