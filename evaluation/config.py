@@ -1,7 +1,8 @@
 """Config schemas of `python -m evaluation knn|linear|logreg` (loaded with `dinoforge.config.load_config`).
 
 Defaults follow the DINOv2 evaluation protocol (resize 256 / crop 224 bicubic, k in 10/20/100/200 with T=0.07,
-the linear-probe learning-rate grid, C in 10^linspace(-6, 5, 45)); YAML files in `configs/eval/` only choose values.
+the linear-probe learning-rate grid, C in 10^linspace(-6, 5, 45)), except that one of our own models is evaluated at
+the side it trained at (transform sizes 0 by default); YAML files in `configs/eval/` only choose values.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class EvalRunConfig:
     out: str = ""  # default runs/eval/<name>
     seed: int = 0
     model: BackboneConfig = field(default_factory=BackboneConfig)
-    transform: EvalTransformConfig = field(default_factory=EvalTransformConfig)
+    # 0 (the default): the model's own side, see `evaluation.evaluate.model_transform`
+    transform: EvalTransformConfig = field(default_factory=lambda: EvalTransformConfig(resize_size=0, crop_size=0))
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
 

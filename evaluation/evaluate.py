@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,21 @@ def output_dir(cfg: EvalRunConfig) -> Path:
     return Path("runs/eval") / (cfg.name or f"{task_of(cfg)}_{weights}")
 
 
+DEFAULT_CROP = 224  # DINOv2's evaluation protocol: resize 256, centre crop 224
+
+
+def model_transform(cfg: EvalRunConfig) -> EvalRunConfig:
+    """`cfg` with its transform's 0 sizes resolved: the crop is the side one of our runs, exports or releases trained
+    at (a 48 px cpu_tiny is evaluated at 48, not 224), else DEFAULT_CROP; the resize keeps the protocol's 256/224."""
+    transform = cfg.transform
+    if transform.crop_size and transform.resize_size:
+        return cfg
+    crop = transform.crop_size or (exported_model_config(cfg.model.weights).img_size
+                                   if is_run_directory(cfg.model.weights) else DEFAULT_CROP)
+    resize = transform.resize_size or round(crop * 256 / DEFAULT_CROP)
+    return replace(cfg, transform=replace(transform, crop_size=crop, resize_size=resize))
+
+
 def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
     """Evaluate `cfg.model` on cfg.train / cfg.val; rank 0 writes and returns the result, other ranks None.
 
@@ -71,6 +86,7 @@ def run_evaluation(cfg: EvalRunConfig) -> EvalResult | None:
     started = time.time()
     device = resolve_device(cfg.features.device)
     fingerprint = weights_fingerprint(cfg.model)  # first: a wrong weights path fails before anything is written
+    cfg = model_transform(cfg)
     out = output_dir(cfg)
     if current_rank() == 0:
         save_config(cfg, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ from test_eval_support import imagenette_file_list, one_torch_thread
 
 from dinoforge.config import load_config
 from dinoforge.data.errors import DatasetError
+from dinoforge.models.config import ModelConfig
 from dinoforge.models.loading import load_backbone
 from evaluation.__main__ import main
 from evaluation.config import TASK_SCHEMAS, BackboneConfig, KnnEvalConfig, LinearEvalConfig
-from evaluation.evaluate import align_labels
+from evaluation.evaluate import align_labels, model_transform
 from evaluation.feature_set import FeatureSet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +158,26 @@ def test_shipped_configs_load_strictly():
     for task, schema in TASK_SCHEMAS.items():
         cfg = load_config(schema, REPO / "configs" / "eval" / f"{task}.yaml")
         assert cfg.model.patch_size == 14 and cfg.transform.crop_size == 224
+
+
+def test_our_models_are_evaluated_at_the_side_they_trained_at(tmp_path):
+    """transform sizes 0 (the schema's default): one of our models at its own img_size (resize keeps 256/224), a
+    weights file or random init at the protocol's 256/224; a size given is kept."""
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "teacher_backbone.safetensors").write_bytes(b"")
+    (export / "model.json").write_text(json.dumps(asdict(ModelConfig(arch="vit_tiny", patch_size=8, img_size=48))))
+
+    def sizes(*overrides: str) -> tuple[int, int]:
+        transform = model_transform(load_config(KnnEvalConfig, None, list(overrides))).transform
+        return transform.resize_size, transform.crop_size
+
+    assert sizes(f"model.weights={tmp_path / 'run'}") == (55, 48)
+    assert sizes(f"model.weights={export}") == (55, 48)
+    assert sizes(f"model.weights={tmp_path / 'run'}", "transform.crop_size=32") == (37, 32)
+    assert sizes(f"model.weights={tmp_path / 'run'}", "transform.resize_size=64") == (64, 48)
+    assert sizes("model.weights=random") == (256, 224)
+    assert sizes("model.weights=w.pth") == (256, 224)
 
 
 class _Named:
