@@ -8,7 +8,8 @@ usage: python bench/run_all.py [--only augment,sinkhorn] [--args 'NAME=FLAGS' ..
   picks benches and gives them flags (the environment variables BENCH and BENCH_ARGS are --only's and --args'
   defaults; NAME is the script's name without `bench_`).
 At the default sizes the whole set takes hours on a 2-core CPU machine: bench_dedup (1M rows) about 2 hours,
-bench_cpu_recipe, bench_recipe_replicas and bench_distill tens of minutes each; the others minutes or less.
+bench_curation_value about 40 minutes, bench_cpu_recipe, bench_recipe_replicas and bench_distill tens of minutes
+each; the others minutes or less.
 A bench that exits with a usage error for a required argument when it was given no flags (bench_distill_quality
 needs `--teacher RUN`, a trained cpu_tiny run) is listed as skipped with the reason, not run and not a failure.
 """
