@@ -200,7 +200,7 @@ def growth(sizes: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6], help="pool sizes (default 1e5 1e6)")
     parser.add_argument("--dim", type=int, default=64)
@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", nargs="+", default=list(STEPS_MEASURED), choices=STEPS_MEASURED)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep the run directories here (default: a temporary one)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     sizes = sorted(int(r) for r in args.rows)
     with tempfile.TemporaryDirectory(prefix="bench_curate_memory_") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)

@@ -7,6 +7,9 @@ from all columns. Re-running a step after a crash therefore lands on exactly the
 Roles: `pool` rows are the images being curated; `seed` and `eval` rows are the reference sets read by the same
 readers (their status is only `ok` or `rejected`). The accounting invariant holds for pool rows:
 inputs = selected + rejected + duplicate + contaminated + not_selected (+ ok while retrieval has not run).
+
+On disk the manifest is one Parquet file per partition, replaced whole and atomically (`curate.manifest_files`);
+steps read the columns and partitions they need, and rewrite it one partition at a time.
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
-from curate.errors import CurateError
-from dinoforge.atomic import atomic_write
+from curate.manifest_files import ManifestError, read_table, write_table
 
 ROLES = ("pool", "seed", "eval")
 STATUSES = ("ok", "rejected", "duplicate", "contaminated", "selected", "not_selected")
@@ -61,29 +63,20 @@ STATUS_SCHEMA = pa.schema([("status", pa.string()), ("reason", pa.string())])
 CLUSTER_PREFIX = "cluster_l"  # one int32 column per hierarchy level: cluster_l1 (finest), cluster_l2, ...
 
 
-class ManifestError(CurateError, ValueError):
-    """The manifest is missing, malformed, or breaks the accounting invariant."""
-
-
-def read_manifest(path: str | Path) -> pa.Table:
-    """Read a manifest written by `write_manifest`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"no manifest at {path}: run `python -m curate ingest CONFIG` first")
-    try:
-        table = pq.read_table(path)
-    except pa.ArrowInvalid as err:  # a foreign or damaged file: manifests are only ever replaced whole
-        raise ManifestError(f"{path} is not a readable Parquet manifest ({err}): run `python -m curate ingest CONFIG "
-                            "--force` to rebuild it") from None
+def read_manifest(path: str | Path, columns: Sequence[str] | None = None, partitions: Sequence[int] | None = None,
+                  where: ds.Expression | None = None) -> pa.Table:
+    """Read a manifest written by `write_manifest`: `columns` only (all when None), rows of `partitions` only, rows
+    matching `where` only (e.g. `pyarrow.dataset.field("status") == "selected"`)."""
+    table = read_table(path, columns, partitions, where)
     missing = [n for n in INGEST_SCHEMA.names if n not in table.column_names]
-    if missing:
+    if columns is None and missing:
         raise ManifestError(f"{path} is not a curate manifest: missing columns {missing}")
     return table
 
 
 def write_manifest(table: pa.Table, path: str | Path) -> Path:
-    """Write `table` to `path` atomically (temporary file in the same folder, fsync, rename)."""
-    return atomic_write(path, lambda fh: pq.write_table(table, fh, row_group_size=1 << 20))
+    """Replace the manifest at `path` by `table`, atomically (`curate.manifest_files`: one file per partition)."""
+    return write_table(table, path)
 
 
 def new_manifest(rows: list[dict]) -> pa.Table:
@@ -124,44 +117,49 @@ def derive_status(table: pa.Table) -> pa.Table:
     """Recompute `status` and `reason` for every row from the step-owned columns.
 
     Precedence (highest first): rejected > (seed/eval rows: ok) > contaminated > duplicate > selected/not_selected
-    > ok. Applied lowest first, each rule overwriting the rows it matches.
+    > ok. Applied lowest first, each rule overwriting the rows it matches. Computed on Arrow columns: no Python object
+    per row, so a partition of millions of rows costs a few bytes per row.
     """
     n = table.num_rows
 
-    def col(name: str) -> np.ndarray:
-        values = table.column(name).to_pylist() if name in table.column_names else [None] * n
-        out = np.empty(n, dtype=object)
-        out[:] = values
-        return out
+    def col(name: str, typ: pa.DataType) -> pa.ChunkedArray | pa.Array:
+        return table.column(name) if name in table.column_names else pa.nulls(n, typ)
 
-    status = np.full(n, "ok", dtype=object)
-    reason = np.full(n, None, dtype=object)
-    selected, selected_by = col("selected"), col("selected_by")
-    is_true = np.array([v is True for v in selected], dtype=bool)
-    is_false = np.array([v is False for v in selected], dtype=bool)
-    status[is_true], reason[is_true] = "selected", selected_by[is_true]
-    status[is_false] = "not_selected"
-    dup_of, dup_kind = col("duplicate_of"), col("duplicate_kind")
-    dup = np.array([v is not None for v in dup_of], dtype=bool)
-    status[dup] = "duplicate"
-    reason[dup] = [f"{k or 'near'} duplicate of {u}" for u, k in zip(dup_of[dup], dup_kind[dup], strict=True)]
-    contaminated, eval_sim = col("contaminated_by"), col("eval_similarity")
-    cont = np.array([v is not None for v in contaminated], dtype=bool)
-    status[cont] = "contaminated"
-    reason[cont] = [f"near-duplicate group touches eval sample {u}" + (f" (cosine {s:.3f})" if s is not None else "")
-                    for u, s in zip(contaminated[cont], eval_sim[cont], strict=True)]
-    reference = col("role") != "pool"
-    status[reference], reason[reference] = "ok", None
-    rejected = col("reject_reason")
-    rej = np.array([v is not None for v in rejected], dtype=bool)
-    status[rej], reason[rej] = "rejected", rejected[rej]
-    return set_columns(table, {"status": status.tolist(), "reason": reason.tolist()}, STATUS_SCHEMA)
+    def where(mask: pa.Array) -> np.ndarray:
+        return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    null = pa.scalar(None, pa.string())
+    selected = col("selected", pa.bool_())
+    is_true, is_false = where(pc.equal(selected, True)), where(pc.equal(selected, False))
+    dup_of = col("duplicate_of", pa.string())
+    dup = where(pc.is_valid(dup_of))
+    contaminated = col("contaminated_by", pa.string())
+    cont = where(pc.is_valid(contaminated))
+    reference = where(pc.not_equal(table.column("role"), "pool"))
+    rejected = table.column("reject_reason")
+    rej = where(pc.is_valid(rejected))
+    code = np.zeros(n, dtype=np.int32)  # index into STATUSES
+    for mask, status in ((is_true, "selected"), (is_false, "not_selected"), (dup, "duplicate"),
+                         (cont, "contaminated"), (reference, "ok"), (rej, "rejected")):
+        code[mask] = STATUSES.index(status)
+    reason = pc.if_else(is_true, col("selected_by", pa.string()), null)
+    dup_reason = pc.binary_join_element_wise(pc.coalesce(col("duplicate_kind", pa.string()), "near"), dup_of,
+                                             " duplicate of ")
+    reason = pc.if_else(dup, dup_reason, reason)
+    if cont.any():  # few rows: their reasons are formatted one by one
+        sims = pc.filter(col("eval_similarity", pa.float32()), cont).to_pylist()
+        texts = [f"near-duplicate group touches eval sample {u}" + (f" (cosine {s:.3f})" if s is not None else "")
+                 for u, s in zip(pc.filter(contaminated, cont).to_pylist(), sims, strict=True)]
+        reason = pc.replace_with_mask(reason, pa.array(cont), pa.array(texts, pa.string()))
+    reason = pc.if_else(rej, rejected, pc.if_else(reference, null, reason))
+    status = pc.take(pa.array(STATUSES, pa.string()), pa.array(code))
+    return set_columns(table, {"status": status, "reason": reason}, STATUS_SCHEMA)
 
 
 def status_counts(table: pa.Table, role: str = "pool") -> dict[str, int]:
     """Rows per status among rows of `role`, every status listed (zeros included)."""
-    mask = pc.equal(table.column("role"), role)
-    counts = Counter(table.filter(mask).column("status").to_pylist())
+    statuses = table.filter(pc.equal(table.column("role"), role)).column("status")
+    counts = {c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(statuses)} if len(statuses) else {}
     return {s: counts.get(s, 0) for s in STATUSES}
 
 
@@ -193,6 +191,6 @@ def mask_of(table: pa.Table, role: str | None = None, statuses: Sequence[str] | 
     if role is not None:
         mask &= np.asarray(pc.equal(table.column("role"), role).to_numpy(zero_copy_only=False), dtype=bool)
     if statuses is not None:
-        st = np.asarray(table.column("status").to_numpy(zero_copy_only=False), dtype=object)
-        mask &= np.isin(st, list(statuses))
+        chosen = pc.is_in(table.column("status"), value_set=pa.array(list(statuses), pa.string()))
+        mask &= np.asarray(chosen.to_numpy(zero_copy_only=False), dtype=bool)
     return mask

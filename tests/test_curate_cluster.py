@@ -6,8 +6,11 @@ import logging
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from curate.embedding.rows import manifest_rows
+from curate.embedding.store import EmbeddingStore
 from curate.selection.cluster import (
     ClusterConfig,
     KMeansLevel,
@@ -87,6 +90,25 @@ def test_hierarchy_levels_nest():
         parent = parent_clusters(levels, level, "cpu")
         # every point's coarser cluster is the parent of its finer cluster
         np.testing.assert_array_equal(parent[levels[level].assign], levels[level + 1].assign)
+
+
+def test_hierarchy_of_memory_mapped_rows_in_chunks_equals_one_float32_array(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    x, _ = blobs(rng, [120, 80, 60, 40, 20])
+    x16 = x.astype(np.float16)
+    store = EmbeddingStore(tmp_path, 2)
+    for p in range(2):
+        store.write_partition(p, [f"u{i}" for i in range(p, len(x), 2)], x16[p::2])
+    table = pa.table({"uid": [f"u{i}" for i in range(len(x))], "partition": pa.array(np.arange(len(x)) % 2,
+                                                                                      pa.int32())})
+    cfg = ClusterConfig(n_clusters=[6, 2], resampling_steps=[0, 2], sample_size=[1, 2], max_points_per_centroid=16,
+                        use_gpu="cpu")
+    whole = hierarchical_kmeans(x16.astype(np.float32), cfg)
+    monkeypatch.setattr("curate.selection.cluster.CHUNK_ROWS", 7)  # many chunks, a short last one
+    chunked = hierarchical_kmeans(manifest_rows(store, table), cfg)
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(a.assign, b.assign)
+        np.testing.assert_allclose(a.centroids, b.centroids, atol=1e-6)
 
 
 def test_a_cluster_without_points_still_has_a_parent():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from curate.config import load_curate_config
@@ -198,6 +199,15 @@ def test_exact_duplicates_by_sha256():
     assert exact_duplicates([], []).shape == (0,)
     with pytest.raises(ValueError, match="digests"):
         exact_duplicates(["x"], ["a", "b"])
+    # Arrow columns, as the dedup step passes them (no Python string per row), give the same answer
+    assert exact_duplicates(pa.chunked_array([sha[:2], sha[2:]]), pa.array(uids)).tolist() == dup.tolist()
+
+
+def test_keep_rule_orders_uids_as_python_does():
+    uids = ["b", "a\u00e9", "a", "Z", "a\U0001f600", "\u00e9"]  # code points beyond ASCII and beyond the BMP
+    group = np.zeros(len(uids), dtype=np.int64)
+    assert representatives(group, pa.array(uids)).tolist() == representatives(group, uids).tolist()
+    assert uids[int(np.nonzero(representatives(group, uids) < 0)[0][0])] == min(uids)
 
 
 # --- near duplicates and decontamination ---------------------------------------------------------------------------

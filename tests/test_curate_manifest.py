@@ -1,8 +1,14 @@
-"""Manifest: status derivation and its precedence, the accounting invariant, atomic writes."""
+"""Manifest: status derivation and its precedence, the accounting invariant, the partitioned dataset on disk and
+its atomic writes."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,6 +25,7 @@ from curate.manifest import (
     status_counts,
     write_manifest,
 )
+from curate.manifest_files import ManifestWriter, iter_partitions, rewrite_partitions
 
 
 def _row(uid: str, role: str = "pool", reject: str | None = None) -> dict:
@@ -90,22 +97,111 @@ def test_set_columns_checks_length():
         set_columns(t, {"selected": [True]}, RETRIEVE_SCHEMA)
 
 
-def test_write_is_atomic_and_roundtrips(tmp_path, monkeypatch):
-    path = tmp_path / "manifest.parquet"
+def _partitioned(n_partitions: int = 3) -> pa.Table:
+    """_table() with its rows spread over partitions, interleaved."""
     t = _table()
-    write_manifest(t, path)
-    assert read_manifest(path).equals(t)
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.parquet"]
+    return set_columns(t, {"partition": pa.array([i % n_partitions for i in range(t.num_rows)], pa.int32())})
 
-    def dies_midway(table, where, **kw):
-        where.write(b"PAR1 half a file")
+
+def _in_partition_order(t: pa.Table) -> pa.Table:
+    """`t`'s rows grouped by partition, keeping their order within each: the order a manifest is read back in."""
+    order = sorted(range(t.num_rows), key=lambda i: t.column("partition")[i].as_py())
+    return t.take(pa.array(order, type=pa.int64()))
+
+
+def test_manifest_is_one_file_per_partition_and_roundtrips(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    t = _partitioned()
+    write_manifest(t, path)
+    assert sorted(p.name for p in path.iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert read_manifest(path).equals(_in_partition_order(t))
+    assert pq.read_table(path).equals(_in_partition_order(t))  # a plain Parquet reader reads the folder whole
+
+
+def test_reader_reads_one_partition_and_projects_columns(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    t = _partitioned()
+    write_manifest(t, path)
+    (path / "part-00002.parquet").write_bytes(b"PAR1 damaged")  # never opened by a reader of partition 1
+    got = read_manifest(path, columns=["uid", "status"], partitions=[1])
+    assert got.equals(t.filter(pc.equal(t.column("partition"), 1)).select(["uid", "status"]))
+    assert read_manifest(path, partitions=[1, 5]).num_rows == got.num_rows  # a partition without rows: none
+    with pytest.raises(ManifestError, match="not a readable Parquet manifest"):
+        read_manifest(path)
+    with pytest.raises(ManifestError, match=r"no columns \['cluster_l1'\]: run the step that writes them"):
+        read_manifest(path, columns=["uid", "cluster_l1"], partitions=[0])
+
+
+def test_partitions_are_iterated_one_at_a_time(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    t = _partitioned()
+    write_manifest(t, path)
+    parts = list(iter_partitions(path, ["uid", "partition"]))
+    assert [p for p, _ in parts] == [0, 1, 2]
+    assert all(set(part.column("partition").to_pylist()) == {p} for p, part in parts)
+    assert sum(part.num_rows for _, part in parts) == t.num_rows
+
+
+def test_rewrite_partitions_gives_each_partition_its_place_in_the_whole(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    t = _partitioned()
+    write_manifest(t, path)
+    whole = read_manifest(path)
+    rank = pa.array(range(whole.num_rows), pa.int64())
+    rewrite_partitions(path, lambda part, where: set_columns(part, {"component": rank[where]}))
+    got = read_manifest(path)
+    assert got.column("component").to_pylist() == list(range(t.num_rows))
+    assert got.drop_columns(["component"]).equals(whole.drop_columns(["component"]))
+
+
+def test_write_is_atomic_and_keeps_one_older_version(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.parquet"
+    t = _partitioned()
+    for _ in range(3):
+        write_manifest(t, path)
+    assert read_manifest(path).equals(_in_partition_order(t))
+    versions = tmp_path / "manifest.versions"
+    assert len(list(versions.iterdir())) == 2  # the current one and the one it replaced (a reader may be on it)
+    assert path.is_symlink() and not Path(os.readlink(path)).is_absolute()  # the run folder can move
+
+    def dies_midway(self, table, *args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pq, "write_table", dies_midway)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         write_manifest(t.slice(0, 2), path)
-    assert read_manifest(path).equals(t)  # the old manifest is untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.parquet"]  # and the partial file is gone
+    assert read_manifest(path).equals(_in_partition_order(t))  # the old manifest is untouched
+    assert len(list(versions.iterdir())) == 2  # and the partial version is gone
+
+
+def test_a_single_file_manifest_is_read_and_replaced_by_the_dataset(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    t = _partitioned()
+    pq.write_table(t, path)  # the layout before one file per partition
+    assert read_manifest(path).equals(t)
+    write_manifest(read_manifest(path), path)
+    assert path.is_symlink() and read_manifest(path).equals(_in_partition_order(t))
+
+
+def test_a_manifest_copied_without_its_link_is_replaced_by_the_next_write(tmp_path):
+    t = _partitioned()
+    write_manifest(t, tmp_path / "a" / "manifest.parquet")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # copies the current version's folder in place of the link
+    path = tmp_path / "b" / "manifest.parquet"
+    assert path.is_dir() and not path.is_symlink() and read_manifest(path).equals(_in_partition_order(t))
+    write_manifest(t.slice(0, 4), path)
+    assert path.is_symlink() and read_manifest(path).equals(_in_partition_order(t.slice(0, 4)))
+
+
+def test_writer_refuses_tables_with_other_columns(tmp_path):
+    t = _partitioned()
+    writer = ManifestWriter(tmp_path / "manifest.parquet")
+    writer.write(t)
+    with pytest.raises(ManifestError, match="write every partition with the same columns"):
+        writer.write(t.drop_columns(["reason"]))
+    writer.abort()
+    assert not (tmp_path / "manifest.parquet").exists()
+    assert list((tmp_path / "manifest.versions").iterdir()) == []
 
 
 def test_read_manifest_errors(tmp_path):

@@ -11,12 +11,14 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from curate_photos import photo_paths
 from PIL import Image
 
 from curate.manifest import DEDUP_SCHEMA, RETRIEVE_SCHEMA, derive_status, set_columns, write_manifest
 from curate.report.html_blocks import histogram_svg
+from curate.report.tally import COLUMNS, Shown, Tally
 from curate.report.writer import ReportConfig, write_report
 from curate.rundir import RunDir
 from curate.sources.decode import DecodeLimits
@@ -156,3 +158,34 @@ def test_histogram_bars_match_numpy():
     assert counts == [int(c) for c in expected if c > 0]
     assert "stroke-dasharray" in svg and "threshold" in svg
     assert "no values" in histogram_svg(np.array([np.nan]), bins, "empty", "x")
+
+
+def test_report_reads_the_manifest_one_partition_at_a_time(finished_run, monkeypatch):
+    run, table = finished_run
+    seen = []
+    for cls in (Tally, Shown):
+        add = cls.add
+
+        def recording(self, part, add=add):
+            seen.append(set(part.column("partition").to_pylist()) if "partition" in part.column_names else None)
+            return add(self, part)
+
+        monkeypatch.setattr(cls, "add", recording)
+    monkeypatch.setattr("curate.report.tally.COLUMNS", (*COLUMNS, "partition"))
+    write_report(run, ReportConfig(), DecodeLimits(), 0.6, 0.45)
+    assert len(seen) == 4 and all(len(s) == 1 for s in seen)  # two passes over the fixture's two partitions
+
+
+def test_tally_of_partitions_equals_tally_of_the_whole(finished_run):
+    _, table = finished_run
+    levels = ["cluster_l1"]
+    whole, parts = Tally(levels), Tally(levels)
+    whole.add(table)
+    for p in sorted(set(table.column("partition").to_pylist())):
+        parts.add(table.filter(pc.equal(table.column("partition"), p)))
+    assert whole.statuses() == parts.statuses() and whole.references == parts.references
+    assert whole.group_sizes == parts.group_sizes and whole.duplicate_kind == parts.duplicate_kind
+    assert (whole.nn_hist == parts.nn_hist).all() and (whole.eval_hist == parts.eval_hist).all()
+    assert (whole.cluster_sizes[0] == parts.cluster_sizes[0]).all()
+    assert {k: n for k, (n, _) in whole.rejections.items()} == {k: n for k, (n, _) in parts.rejections.items()}
+    assert whole.choose(2, 3, 0).clusters == parts.choose(2, 3, 0).clusters

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import curate.steps.dedup
+from curate.embedding.rows import manifest_rows
 from curate.embedding.store import EmbeddingStore, EmbeddingStoreError
 from curate.rundir import RunDir, fingerprint
 from curate.steps import STEPS, Step, downstream, runner, step_named
@@ -33,6 +35,21 @@ def test_store_roundtrip_and_gather_in_any_order(tmp_path):
     assert store.gather([]).shape == (0, 8)
     with pytest.raises(EmbeddingStoreError, match="1 manifest rows have no embedding"):
         store.gather(["u0_0", "nope"])
+
+
+def test_embedding_rows_read_the_manifest_rows_from_the_memory_maps(tmp_path):
+    store = EmbeddingStore(tmp_path / "emb", n_partitions=3)
+    for p in range(3):
+        store.write_partition(p, [f"u{p}_{i}" for i in range(4 + p)], _unit(4 + p, 8, p))
+    wanted = ["u2_5", "u0_0", "u1_3", "u0_3", "u2_0"]
+    table = pa.table({"uid": wanted, "partition": pa.array([int(u[1]) for u in wanted], pa.int32())})
+    rows = manifest_rows(store, table)
+    assert rows.shape == (5, 8) and len(rows) == 5
+    np.testing.assert_array_equal(rows[:], store.gather(wanted))
+    np.testing.assert_array_equal(rows[np.array([4, 1])], store.gather(["u2_0", "u0_0"]))
+    table = pa.table({"uid": ["u1_0", "u1_9"], "partition": pa.array([1, 1], pa.int32())})
+    with pytest.raises(EmbeddingStoreError, match="1 manifest rows of partition 1 have no embedding .* uid u1_9"):
+        manifest_rows(store, table)
 
 
 def test_store_refuses_unnormalised_or_misaligned(tmp_path):

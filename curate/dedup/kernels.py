@@ -18,6 +18,8 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.dedup.config import KEEP_RULES, NETWORK_THRESHOLDS
 from curate.knn.graph import knn_search, range_pairs
@@ -83,9 +85,11 @@ def components_from_edges(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return uf.components()
 
 
-def _uid_rank(uids: Sequence[str]) -> np.ndarray:
+def _uid_rank(uids: Sequence[str] | pa.Array) -> np.ndarray:
     """Rank of each uid in sorted order (ties, which uids should not have, broken by row)."""
-    order = np.argsort(np.asarray(uids, dtype=np.str_), kind="stable")
+    # Arrow's sort is stable and compares UTF-8 bytes, which orders as Python compares code points; unlike a numpy
+    # string array it costs no fixed-width copy of every uid.
+    order = pc.sort_indices(_strings(uids)).to_numpy()
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
@@ -116,14 +120,20 @@ def representatives(group: np.ndarray, uids: Sequence[str], keep: str = "first_u
     return duplicate_of
 
 
-def exact_duplicates(sha256: Sequence[str], uids: Sequence[str], keep: str = "first_uid") -> np.ndarray:
+def exact_duplicates(sha256: Sequence[str] | pa.Array, uids: Sequence[str] | pa.Array,
+                     keep: str = "first_uid") -> np.ndarray:
     """duplicate_of_index per row for byte-identical files (same sha256); -1 = kept."""
     if len(sha256) != len(uids):
         raise ValueError(f"{len(sha256)} sha256 digests for {len(uids)} uids")
     if len(uids) == 0:
         return np.zeros(0, dtype=np.int64)
-    _, group = np.unique(np.asarray(sha256, dtype=np.str_), return_inverse=True)
-    return representatives(group.ravel(), uids, keep)
+    sha256 = _strings(sha256)
+    group = pc.index_in(sha256, value_set=pc.unique(sha256)).to_numpy()
+    return representatives(group, uids, keep)
+
+
+def _strings(values: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    return values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, pa.string())
 
 
 def near_duplicates_from_edges(n: int, i: np.ndarray, j: np.ndarray, uids: Sequence[str],

@@ -79,10 +79,16 @@ def histogram_svg(values: np.ndarray, bins: int | Sequence[float], title: str, x
                   width: int = 560, height: int = 200) -> str:
     """An SVG bar histogram of `values` with an optional vertical marker (e.g. a threshold)."""
     values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+    counts, edges = np.histogram(values[np.isfinite(values)], bins=bins)
+    return counts_svg(counts, edges, title, xlabel, marker, marker_label, log_y, width, height)
+
+
+def counts_svg(counts: np.ndarray, edges: np.ndarray, title: str, xlabel: str, marker: float | None = None,
+               marker_label: str = "", log_y: bool = False, width: int = 560, height: int = 200) -> str:
+    """`histogram_svg` of counts already binned (`edges`: one more than the counts), e.g. summed over partitions;
+    a note instead when no value fell in a bin."""
+    if counts.sum() == 0:
         return f"<p class=\"muted\">{escape(title)}: no values.</p>"
-    counts, edges = np.histogram(values, bins=bins)
     left, bottom, top, right = 48, 30, 22, 10
     pw, ph = width - left - right, height - top - bottom
     heights = np.log10(counts + 1.0) if log_y else counts.astype(np.float64)

@@ -1,22 +1,24 @@
 """The curation report: `report/index.html` with counts per step, rejection reasons, histograms and image grids.
 
 It reads only the run directory (manifest, markers, shard index) and the source images (for thumbnails), and
-covers whichever steps have run, so it is useful after ingest alone as well as after a full run.
+covers whichever steps have run, so it is useful after ingest alone as well as after a full run. The manifest is read
+one partition at a time: counts and histograms are summed, the groups and clusters shown are chosen from those
+counts, and only their rows are kept (`curate.report.tally`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from curate.manifest import STATUSES, cluster_columns, read_manifest
-from curate.report.html_blocks import Tile, grid, group, histogram_svg, page, section, table
+from curate.manifest import STATUSES, cluster_columns
+from curate.manifest_files import iter_partitions, read_schema
+from curate.report.html_blocks import Tile, counts_svg, grid, group, histogram_svg, page, section, table
+from curate.report.tally import SIMILARITY_BINS, Shown, Tally, read_columns
 from curate.rundir import THIS_CALL, RunDir
 from curate.sources.decode import DecodeLimits
 from curate.sources.sample_reader import SampleReader
@@ -40,23 +42,31 @@ class ReportConfig:
 def write_report(run: RunDir, cfg: ReportConfig, limits: DecodeLimits, dedup_threshold: float | None = None,
                  eval_threshold: float | None = None, steps: Sequence[str] = ()) -> Path:
     """Render report/index.html for the run at `run` and return its path; `steps` (the pipeline's, in order) are
-    listed with their markers."""
-    table_ = read_manifest(run.manifest)
-    rows = table_.to_pylist()
-    by_uid = {r["uid"]: r for r in rows}
-    pool = [r for r in rows if r["role"] == "pool"]
+    listed with their markers. The manifest is read twice, one partition at a time (`curate.report.tally`)."""
+    schema = read_schema(run.manifest)
+    levels = cluster_columns(schema.empty_table())
+    columns = read_columns(schema.names, levels)
+    tally = Tally(levels)
+    for _, part in iter_partitions(run.manifest, columns):
+        tally.add(part)
+    shown = Shown(tally.choose(cfg.max_groups, cfg.images_per_group, cfg.seed), levels, cfg.images_per_group)
+    for _, part in iter_partitions(run.manifest, columns):
+        shown.add(part)
+    rows = {r["uid"]: r for r in [*tally.seeds, *(r for rs in shown.cluster_rows.values() for r in rs),
+                                  *(r for groups in shown.members.values() for rs in groups.values() for r in rs)]}
+    by_uid = {**rows, **shown.by_uid}
     reader = SampleReader()
     thumbs = _Thumbs(reader, by_uid, cfg, limits)
     try:
         body = [
-            _counts_section(run, rows, pool, steps),
-            _rejections_section(rows),
-            _similarity_section(pool, dedup_threshold, eval_threshold),
-            _cluster_hist_section(table_),
-            _duplicates_section(pool, by_uid, thumbs, cfg),
-            _contamination_section(pool, by_uid, thumbs, cfg),
-            _clusters_section(table_, pool, thumbs, cfg),
-            _retrieval_section(rows, pool, by_uid, thumbs, cfg),
+            _counts_section(run, tally, steps),
+            _rejections_section(tally),
+            _similarity_section(tally, dedup_threshold, eval_threshold),
+            _cluster_hist_section(tally),
+            _duplicates_section(shown, by_uid, thumbs, cfg),
+            _contamination_section(shown, by_uid, thumbs, cfg),
+            _clusters_section(shown, thumbs),
+            _retrieval_section(tally, shown, by_uid, thumbs, cfg),
         ]
     finally:
         reader.close()
@@ -86,19 +96,16 @@ class _Thumbs:
         return grid(tiles, self.cfg.thumb_size, self.limits)
 
 
-def _counts_section(run: RunDir, rows: list[dict], pool: list[dict], steps: Sequence[str]) -> str:
-    status = Counter(r["status"] for r in pool)
-    dup_kind = Counter(r["duplicate_kind"] for r in pool if r["status"] == "duplicate")
-    lines = [("pool inputs", len(pool))]
+def _counts_section(run: RunDir, tally: Tally, steps: Sequence[str]) -> str:
+    status = tally.statuses()
+    lines = [("pool inputs", sum(status.values()))]
     indent = "\u00a0" * 4  # non-breaking: HTML collapses ordinary leading spaces
-    lines += [(f"{indent}{s}", status.get(s, 0)) for s in STATUSES if status.get(s, 0) or s != "ok"]
-    lines += [(f"{indent * 2}exact duplicates (same sha256)", dup_kind.get("exact", 0)),
-              (f"{indent * 2}near duplicates (kNN graph)", dup_kind.get("near", 0))]
-    for role in ("seed", "eval"):
-        refs = [r for r in rows if r["role"] == role]
-        if refs:
-            n_ok = sum(r["status"] == "ok" for r in refs)
-            lines.append((f"{role} inputs (ok / rejected)", f"{n_ok:,} / {len(refs) - n_ok:,}"))
+    lines += [(f"{indent}{s}", status[s]) for s in STATUSES if status[s] or s != "ok"]
+    lines += [(f"{indent * 2}exact duplicates (same sha256)", tally.duplicate_kind.get("exact", 0)),
+              (f"{indent * 2}near duplicates (kNN graph)", tally.duplicate_kind.get("near", 0))]
+    for role, (n_rows, n_ok) in tally.references.items():
+        if n_rows:
+            lines.append((f"{role} inputs (ok / rejected)", f"{n_ok:,} / {n_rows - n_ok:,}"))
     counts = table(["", "rows"], lines)
     step_rows = []
     for step in steps:
@@ -121,43 +128,31 @@ def _counts_section(run: RunDir, rows: list[dict], pool: list[dict], steps: Sequ
                    "not_selected.")
 
 
-def _rejections_section(rows: list[dict]) -> str:
-    rejected = [r for r in rows if r["status"] == "rejected"]
-    if not rejected:
+def _rejections_section(tally: Tally) -> str:
+    if not tally.rejections:
         return section("Rejections", "<p>No input was rejected.</p>")
-    by_kind: dict[str, list[dict]] = defaultdict(list)
-    for r in rejected:
-        by_kind[r["reject_reason"].split(":")[0]].append(r)
-    lines = [(kind, len(rs), f"{rs[0]['source']}:{rs[0]['locator']}", rs[0]["reject_reason"])
-             for kind, rs in sorted(by_kind.items(), key=lambda kv: -len(kv[1]))]
+    lines = [(kind, n, f"{r['source']}:{r['locator']}", r["reject_reason"])
+             for kind, (n, r) in sorted(tally.rejections.items(), key=lambda kv: -kv[1][0])]
     return section("Rejections", table(["reason", "inputs", "example", "full reason of the example"], lines))
 
 
-def _similarity_section(pool: list[dict], dedup_threshold: float | None, eval_threshold: float | None) -> str:
-    nn = np.array([r["nn_similarity"] for r in pool if r.get("nn_similarity") is not None], dtype=np.float64)
-    ev = np.array([r["eval_similarity"] for r in pool if r.get("eval_similarity") is not None], dtype=np.float64)
-    if nn.size == 0 and ev.size == 0:
+def _similarity_section(tally: Tally, dedup_threshold: float | None, eval_threshold: float | None) -> str:
+    n_nn = int(tally.nn_hist.sum())
+    if n_nn == 0 and tally.eval_hist.sum() == 0:
         return ""
-    bins = np.linspace(-0.2, 1.0, 61)
-    parts = [histogram_svg(np.clip(nn, -0.2, 1.0), bins, "Nearest-neighbour cosine similarity within the pool",
-                           "cosine similarity", dedup_threshold, "dedup threshold", log_y=True)]
-    if ev.size:
-        parts.append(histogram_svg(np.clip(ev, -0.2, 1.0), bins, "Highest cosine similarity to an evaluation image",
-                                   "cosine similarity", eval_threshold, "decontamination threshold", log_y=True))
-    return section("Similarity", "".join(parts), f"Nearest neighbours measured for {nn.size:,} sampled pool images. "
+    parts = [counts_svg(tally.nn_hist, SIMILARITY_BINS, "Nearest-neighbour cosine similarity within the pool",
+                        "cosine similarity", dedup_threshold, "dedup threshold", log_y=True)]
+    if tally.eval_hist.sum():
+        parts.append(counts_svg(tally.eval_hist, SIMILARITY_BINS, "Highest cosine similarity to an evaluation image",
+                                "cosine similarity", eval_threshold, "decontamination threshold", log_y=True))
+    return section("Similarity", "".join(parts), f"Nearest neighbours measured for {n_nn:,} sampled pool images. "
                    "Right of the dedup threshold, images are near-duplicates (one per group is kept); right of the "
                    "decontamination threshold, their whole group is removed.")
 
 
-def _cluster_hist_section(t: pa.Table) -> str:
-    cols = cluster_columns(t)
-    if not cols:
-        return ""
-    pool = np.array(t.column("role").to_pylist()) == "pool"
+def _cluster_hist_section(tally: Tally) -> str:
     parts = []
-    for col in cols:
-        assign = np.array([-1 if v is None else v for v in t.column(col).to_pylist()])[pool]
-        sizes = np.bincount(assign[assign >= 0]) if (assign >= 0).any() else np.zeros(0, dtype=np.int64)
+    for col, sizes in zip(tally.levels, tally.cluster_sizes, strict=True):
         sizes = sizes[sizes > 0]
         if sizes.size:
             bins = np.unique(np.geomspace(1, sizes.max() + 1, 30).astype(int))
@@ -166,91 +161,68 @@ def _cluster_hist_section(t: pa.Table) -> str:
     return section("Cluster sizes", "".join(parts)) if parts else ""
 
 
-def _groups(pool: list[dict], status: str, key: str) -> dict[str, list[dict]]:
-    """Rows of `status` grouped by their (non-empty) `key` column: the image kept, the eval image, the selection."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in pool:
-        if r["status"] == status and r[key]:
-            groups[r[key]].append(r)
-    return groups
-
-
-def _largest(groups: dict[str, list[dict]], count: int) -> list[tuple[str, list[dict]]]:
-    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:count]
-
-
-def _duplicates_section(pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
-    groups = _groups(pool, "duplicate", "duplicate_of")
-    if not groups:
+def _duplicates_section(shown: Shown, by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
+    largest = shown.choice.groups["duplicates"]
+    if not largest:
         return ""
     parts = []
-    for keep, members in _largest(groups, cfg.max_groups):
+    for keep, size in largest:
         tiles = [thumbs.tile(keep, f"kept {keep[:8]}", "key")]
         tiles += [thumbs.tile(m["uid"], f"{m['duplicate_kind']} {m['uid'][:8]}", "bad")
-                  for m in members[: cfg.images_per_group - 1]]
-        parts.append(group(f"{len(members) + 1} images, kept {by_uid[keep]['source']}:{by_uid[keep]['locator']}",
+                  for m in shown.members["duplicates"][keep][: cfg.images_per_group - 1]]
+        parts.append(group(f"{size + 1} images, kept {by_uid[keep]['source']}:{by_uid[keep]['locator']}",
                            thumbs.grid(tiles)))
     return section("Largest duplicate groups", "".join(parts),
-                   f"{len(groups):,} groups; green: the image kept, red: removed copies.")
+                   f"{shown.choice.n_groups['duplicates']:,} groups; green: the image kept, red: removed copies.")
 
 
-def _contamination_section(pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
-    groups = _groups(pool, "contaminated", "contaminated_by")
-    if not groups:
+def _contamination_section(shown: Shown, by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
+    largest = shown.choice.groups["contamination"]
+    if not largest:
         return ""
     parts = []
-    for eval_uid, members in _largest(groups, cfg.max_groups):
+    for eval_uid, size in largest:
         tiles = [thumbs.tile(eval_uid, f"eval {eval_uid[:8]}", "key")]
         tiles += [thumbs.tile(m["uid"], f"{m['eval_similarity'] or 0:.2f} {m['uid'][:8]}", "bad")
-                  for m in members[: cfg.images_per_group - 1]]
-        parts.append(group(f"eval image {by_uid[eval_uid]['locator']}: {len(members)} pool images removed",
+                  for m in shown.members["contamination"][eval_uid][: cfg.images_per_group - 1]]
+        parts.append(group(f"eval image {by_uid[eval_uid]['locator']}: {size} pool images removed",
                            thumbs.grid(tiles)))
     return section("Removed near-duplicates of evaluation images", "".join(parts))
 
 
-def _clusters_section(t: pa.Table, pool: list[dict], thumbs: _Thumbs, cfg: ReportConfig) -> str:
-    cols = cluster_columns(t)
-    if not cols:
+def _clusters_section(shown: Shown, thumbs: _Thumbs) -> str:
+    if not shown.levels:
         return ""
-    col = cols[0]
-    members: dict[int, list[dict]] = defaultdict(list)
-    for r in pool:
-        if r.get(col) is not None:
-            members[r[col]].append(r)
-    ids = sorted(members)
-    rng = np.random.default_rng(cfg.seed)
-    shown = sorted(rng.choice(ids, size=min(cfg.max_groups, len(ids)), replace=False).tolist())
     parts = []
-    for cid in shown:
-        rs = members[cid]
-        pick = rng.choice(len(rs), size=min(cfg.images_per_group, len(rs)), replace=False)
-        tiles = [thumbs.tile(rs[i]["uid"], f"{rs[i]['status']} {rs[i]['uid'][:8]}") for i in sorted(pick)]
-        parts.append(group(f"cluster {cid} ({len(rs)} images)", thumbs.grid(tiles)))
-    return section(f"Sample clusters (finest level, {col})", "".join(parts),
-                   f"{len(shown)} of {len(ids)} clusters drawn at random; images drawn at random within each.")
+    for cid, rs in shown.cluster_rows.items():
+        tiles = [thumbs.tile(r["uid"], f"{r['status']} {r['uid'][:8]}") for r in rs]
+        parts.append(group(f"cluster {cid} ({shown.choice.cluster_sizes[cid]} images)", thumbs.grid(tiles)))
+    return section(f"Sample clusters (finest level, {shown.levels[0]})", "".join(parts),
+                   f"{len(shown.cluster_rows)} of {shown.choice.n_clusters} clusters drawn at random; images drawn "
+                   "at random within each.")
 
 
-def _retrieval_section(rows: list[dict], pool: list[dict], by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
-    picked = _groups(pool, "selected", "selected_by")
-    if not picked:
+def _retrieval_section(tally: Tally, shown: Shown, by_uid: dict, thumbs: _Thumbs, cfg: ReportConfig) -> str:
+    largest = shown.choice.groups["retrieval"]
+    if not largest:
         return ""
-    seeds = [r for r in rows if r["role"] == "seed" and r["status"] == "ok"]
+    seeds = tally.seeds
     parts = []
-    for reason, members in _largest(picked, cfg.max_groups):
-        rs = sorted(members, key=lambda r: -(r["retrieval_score"] or 0.0))
+    for reason, size in largest:
+        rs = shown.members["retrieval"][reason]  # the best scores first
         kind, _, ref = reason.partition(":")
         tiles = []
         if kind == "seed" and ref in by_uid:
             tiles.append(thumbs.tile(ref, f"seed {ref[:8]}", "key"))
-            title = f"seed {by_uid[ref]['source']}:{by_uid[ref]['locator']}: {len(rs)} images retrieved"
+            title = f"seed {by_uid[ref]['source']}:{by_uid[ref]['locator']}: {size} images retrieved"
         else:
             level, _, cid = ref.partition("/")
             col = f"cluster_l{level}"
             in_cluster = [s for s in seeds if cid.isdigit() and s.get(col) == int(cid)]
             tiles += [thumbs.tile(s["uid"], f"seed {s['uid'][:8]}", "key") for s in in_cluster[:2]]
-            title = f"{reason}: {len(rs)} images selected, {len(in_cluster)} seed images in the cluster"
+            title = f"{reason}: {size} images selected, {len(in_cluster)} seed images in the cluster"
         tiles += [thumbs.tile(r["uid"], f"{r['retrieval_score'] or 0:.2f} {r['uid'][:8]}")
                   for r in rs[: cfg.images_per_group - len(tiles)]]
         parts.append(group(title, thumbs.grid(tiles)))
-    return section("Retrievals", "".join(parts), f"{len(picked):,} selection reasons; green: seed images, others "
-                   "by decreasing retrieval score.")
+    return section("Retrievals", "".join(parts), f"{shown.choice.n_groups['retrieval']:,} selection reasons; green: "
+                   "seed images, others by decreasing retrieval score.")

@@ -9,7 +9,8 @@ support, so sampling evenly across clusters yields a dataset balanced across con
 
 `max_points_per_centroid` caps the k-means training set at k x that many points (faiss samples them with the
 seed): it bounds time and memory on a billion points and is logged at every call, since it trades centroid quality
-for speed. All inputs are then assigned to the trained centroids, chunked.
+for speed. All inputs are then assigned to the trained centroids in chunks of `CHUNK_ROWS`, each converted to float32
+alone.
 
 A hierarchy is a list of `KMeansLevel(centroids, assign)`, finest level first, where `assign` gives the level's
 cluster of every original point (not of the level's inputs), so levels can be read independently.
@@ -23,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from curate.embedding.rows import CHUNK_ROWS
 from curate.knn.faiss_device import resolve_use_gpu
 from curate.knn.graph import as_float32, knn_search
 
@@ -68,10 +70,22 @@ class KMeansLevel(NamedTuple):
 
 
 def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, use_gpu: bool | str = "auto") -> np.ndarray:
-    """Index of the most similar centroid (cosine) for every row of `x`."""
-    if len(x) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return knn_search(centroids, x, 1, use_gpu=use_gpu, progress=False)[1][:, 0]
+    """Index of the most similar centroid (cosine) for every row of `x`, searched `CHUNK_ROWS` rows at a time (only
+    a chunk is ever converted to float32: `x` may be float16, or `curate.embedding.rows.EmbeddingRows`)."""
+    assign = np.zeros(len(x), dtype=np.int64)
+    for start in range(0, len(x), CHUNK_ROWS):
+        chunk = as_float32(x[start:start + CHUNK_ROWS], "k-means input")
+        assign[start:start + len(chunk)] = knn_search(centroids, chunk, 1, use_gpu=use_gpu, progress=False)[1][:, 0]
+    return assign
+
+
+def similarity_to_assigned(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    """Cosine of every row of `x` to its assigned centroid, `CHUNK_ROWS` rows at a time."""
+    sims = np.zeros(len(x), dtype=np.float32)
+    for start in range(0, len(x), CHUNK_ROWS):
+        chunk = as_float32(x[start:start + CHUNK_ROWS], "k-means input")
+        sims[start:start + len(chunk)] = np.einsum("nd,nd->n", chunk, centroids[assign[start:start + len(chunk)]])
+    return sims
 
 
 def training_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray:
@@ -89,7 +103,7 @@ def spherical_kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, max
     `k` larger than the number of rows is lowered to it (with a warning); faiss needs a point per centroid.
     """
     import faiss
-    x = np.asarray(x)
+    x = x if hasattr(x, "shape") else np.asarray(x)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"k-means needs a non-empty [n, dim] array, got shape {x.shape}")
     n, d = x.shape
@@ -114,7 +128,7 @@ def balanced_subset(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray, pe
                     strategy: str = "closest", rng: np.random.Generator | None = None) -> np.ndarray:
     """Rows of `x`: up to `per_cluster` per cluster, those closest to their centroid or drawn at random."""
     if strategy == "closest":
-        key = -np.einsum("nd,nd->n", x, centroids[assign])
+        key = -similarity_to_assigned(x, centroids, assign)
     elif strategy == "random":
         key = (rng or np.random.default_rng(0)).random(len(x))
     else:
@@ -156,8 +170,11 @@ def _resampled_kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, level: int) -> 
 
 
 def hierarchical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> list[KMeansLevel]:
-    """Hierarchical k-means of the rows of `x`, finest level first; `assign` is per original point at every level."""
-    x = np.asarray(x)
+    """Hierarchical k-means of the rows of `x`, finest level first; `assign` is per original point at every level.
+
+    `x` may be a lazy view of the embeddings (`curate.embedding.rows.EmbeddingRows`): each level trains on a sample
+    and assigns every point in chunks, so the points are never all in memory as float32."""
+    x = x if hasattr(x, "shape") else np.asarray(x)
     levels: list[KMeansLevel] = []
     inputs, point_to_input = x, np.arange(len(x), dtype=np.int64)
     for level, k in enumerate(cfg.n_clusters):
@@ -233,7 +250,7 @@ def balanced_sample(hierarchy: list[KMeansLevel] | list[tuple[np.ndarray, np.nda
     if strategy == "closest":
         if x is None:
             raise ValueError("strategy='closest' needs the points x")
-        key = -np.einsum("nd,nd->n", as_float32(x), finest.centroids[finest.assign])
+        key = -similarity_to_assigned(x, finest.centroids, finest.assign)
     elif strategy == "random":
         key = rng.random(n_points)
     else:

@@ -22,6 +22,8 @@ from dinoforge.hashing import file_sha256
 PARTS_DIR = "_parts"  # shards/_parts/NNNNNN.json: the index entry of each finished shard
 METADATA_KEYS = ("uid", "source", "locator", "sha256", "format", "width", "height", "partition", "selected_by",
                  "retrieval_score")
+# the manifest columns the shard step reads: the metadata, the plan's and the bytes' location (plus cluster columns)
+SHARD_COLUMNS = (*METADATA_KEYS, "status", "size", "file", "member", "offset")
 
 
 def plan_all_shards(rows: list[dict], n_partitions: int, max_count: int,

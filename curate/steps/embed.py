@@ -9,11 +9,11 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.dataset as ds
 
 from curate.embedding.store import EmbeddingStore
 from curate.errors import CurateError
-from curate.manifest import mask_of, read_manifest
+from curate.manifest import read_manifest
 from curate.rundir import THIS_CALL, RunDir
 from curate.sources.sample_reader import SampleReader
 
@@ -43,16 +43,12 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     stores = [EmbeddingStore(rundir.embeddings(e.name), cfg.partitions) for e in embedders]
     for store in stores:
         rundir.prepare_output(store.root, context.fingerprint, fresh=context.force)
-    table = read_manifest(rundir.manifest)
-    accepted = ~mask_of(table, statuses=["rejected"])
-    part_of = table.column("partition").to_numpy()
     wanted = context.partitions if context.partitions is not None else range(cfg.partitions)
     n_images, seconds = 0, 0.0
     with SampleReader() as reader:
-        for p in wanted:
-            rows = np.nonzero(accepted & (part_of == p))[0]
-            sub = table.select(["uid", "file", "member", "offset", "size"]).take(
-                pa.array(rows, type=pa.int64())).to_pylist()
+        for p in wanted:  # one partition of the manifest in memory at a time, its accepted rows only
+            sub = read_manifest(rundir.manifest, ["uid", "file", "member", "offset", "size"], partitions=[p],
+                                where=ds.field("reject_reason").is_null()).to_pylist()
             for embedder, setting, store in zip(embedders, settings, stores, strict=True):
                 if store.has_partition(p):
                     continue

@@ -8,7 +8,10 @@ import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from curate.embedding.rows import manifest_rows
 from curate.errors import CurateError
 from curate.manifest import (
     CLUSTER_PREFIX,
@@ -20,8 +23,8 @@ from curate.manifest import (
     mask_of,
     read_manifest,
     set_columns,
-    write_manifest,
 )
+from curate.manifest_files import read_schema, rewrite_partitions
 from curate.sources.ingest import source_name
 from curate.steps.embed import embedding_store
 from dinoforge.atomic import atomic_write_json
@@ -48,42 +51,48 @@ def selection_method(cfg: CurateConfig) -> str:
 
 
 def run(cfg: CurateConfig, context: StepContext) -> dict:
-    """Select pool images; write the manifest's selection columns and retrieval/summary.json."""
+    """Select pool images; write the manifest's selection columns and retrieval/summary.json.
+
+    Reads the few manifest columns it decides from, gathers embeddings by partition (`curate.embedding.rows`), and
+    rewrites the manifest one partition at a time."""
     from curate.selection.cluster import balanced_sample  # faiss
     from curate.selection.retrieve import retrieve as retrieve_for_seed_set
 
     rundir = context.rundir
-    table = derive_status(drop_columns(read_manifest(rundir.manifest), RETRIEVE_SCHEMA.names))
+    method = selection_method(cfg)
+    levels = cluster_columns(read_schema(rundir.manifest).empty_table())
+    table = read_manifest(rundir.manifest, ["uid", "role", "status", "source", "partition", *levels])
+    # the statuses before any selection: a rerun of this step finds its own earlier ones
+    before = pc.if_else(pc.is_in(table.column("status"), value_set=pa.array(["selected", "not_selected"])), "ok",
+                        table.column("status"))
+    table = set_columns(table, {"status": before})
     pool = np.nonzero(mask_of(table, "pool", ["ok"]))[0]
     n = table.num_rows
-    reason: list[str | None] = [None] * n
+    reason: dict[int, str] = {}  # manifest row -> why it is selected
     score = np.full(n, np.nan, dtype=np.float64)
-    method = selection_method(cfg)
-    levels = cluster_columns(table)
-    uid_col = table.column("uid").to_pylist()
     per_set: dict[str, int] = {}
     if method == "retrieve":
         store = embedding_store(rundir, cfg)
-        pool_emb = store.gather([uid_col[i] for i in pool]).astype(np.float32)
+        pool_emb = manifest_rows(store, table.take(pa.array(pool, type=pa.int64())))[:]
         level_col = f"{CLUSTER_PREFIX}{cfg.retrieve.cluster_level}"
         assign = (table.column(level_col).to_numpy(zero_copy_only=False) if level_col in table.column_names
                   else None)
         seed_rows = mask_of(table, "seed", ["ok"])
-        source_col = np.asarray(table.column("source").to_pylist(), dtype=object)
+        source_col = table.column("source")
         for src in cfg.seeds:  # each seed source is a seed set with its own cap
             name = source_name(src)
-            seeds = np.nonzero(seed_rows & (source_col == name))[0]
+            seeds = np.nonzero(seed_rows & np.asarray(pc.equal(source_col, name).to_numpy(zero_copy_only=False)))[0]
             if seeds.size == 0:
                 log.warning("retrieve: seed set %s has no usable image (all rejected?); it selects nothing", name)
                 continue
-            seed_emb = store.gather([uid_col[i] for i in seeds]).astype(np.float32)
+            seed_table = table.take(pa.array(seeds, type=pa.int64()))
             mask, why, sc = retrieve_for_seed_set(
-                pool_emb, seed_emb, [uid_col[i] for i in seeds],
+                pool_emb, manifest_rows(store, seed_table)[:], seed_table.column("uid").to_pylist(),
                 assign[pool].astype(np.int64) if assign is not None else None,
                 assign[seeds].astype(np.int64) if assign is not None else None, cfg.retrieve, cfg.index)
             better = mask & ~(np.nan_to_num(score[pool], nan=-np.inf) >= sc)  # ties: the earlier seed set
             for j in np.nonzero(better)[0]:
-                reason[pool[j]], score[pool[j]] = why[j], sc[j]
+                reason[int(pool[j])], score[pool[j]] = why[j], sc[j]
             per_set[name] = int(mask.sum())
     elif method == "balanced":
         hierarchy = [(np.load(rundir.clusters / f"level{lv + 1}_centroids.npy"),
@@ -93,17 +102,23 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
             raise CurateError("balanced selection needs the cluster step's assignments: run `cluster` first")
         top = hierarchy[-1][1]
         for j in balanced_sample(hierarchy, cfg.select.n_balanced, cfg.select.seed):
-            reason[pool[j]] = f"balanced:{len(hierarchy)}/{top[j]}"
+            reason[int(pool[j])] = f"balanced:{len(hierarchy)}/{top[j]}"
     else:
-        for i in pool:
-            reason[i] = "all"
+        reason = dict.fromkeys(pool.tolist(), "all")
     decided = mask_of(table, "pool", ["ok", "duplicate", "contaminated"])
-    selected = [bool(reason[i] is not None) if decided[i] else None for i in range(n)]
-    scores = [None if np.isnan(v) else float(v) for v in score]
-    table = derive_status(set_columns(table, {"selected": selected, "selected_by": reason,
-                                              "retrieval_score": scores}, RETRIEVE_SCHEMA))
-    write_manifest(table, rundir.manifest)
-    counts = check_accounting(table, final=True)
+    chosen, why = np.zeros(n, dtype=bool), np.full(n, None, dtype=object)
+    if reason:
+        rows = np.fromiter(reason, dtype=np.int64, count=len(reason))
+        chosen[rows], why[rows] = True, list(reason.values())
+
+    def with_selection(part: pa.Table, rows: slice) -> pa.Table:
+        return derive_status(set_columns(drop_columns(part, RETRIEVE_SCHEMA.names), {
+            "selected": pa.array(chosen[rows], mask=~decided[rows]),
+            "selected_by": pa.array(why[rows], pa.string()),
+            "retrieval_score": pa.array(score[rows], pa.float32(), mask=np.isnan(score[rows]))}))
+
+    rewrite_partitions(rundir.manifest, with_selection)
+    counts = check_accounting(read_manifest(rundir.manifest, ["uid", "role", "status"]), final=True)
     summary = {"method": method, "selected": counts["selected"], "not_selected": counts["not_selected"],
                "per_seed_set": per_set}
     rundir.retrieval.mkdir(parents=True, exist_ok=True)

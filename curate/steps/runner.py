@@ -15,11 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from curate.errors import CurateError
-from curate.manifest import derive_status, drop_columns, read_manifest, write_manifest
+from curate.manifest import derive_status, drop_columns
+from curate.manifest_files import ManifestError, read_schema, rewrite_partitions
 from curate.rundir import RunDir, fingerprint
 from dinoforge.config import save_config, to_yaml
 from dinoforge.run_lock import RunLock
@@ -147,13 +145,13 @@ def reset_later_columns(steps: Sequence[Step], rundir: RunDir, name: str) -> Non
     """Drop the manifest columns of the steps after `name` (their markers are gone, they will be redone), so that no
     row keeps a status from a step that is no longer current, such as `not_selected` from an earlier retrieve."""
     try:
-        columns = pq.read_schema(rundir.manifest).names
-    except (FileNotFoundError, pa.ArrowInvalid):  # none yet, or damaged: ingest rebuilds it, other steps report it
+        columns = read_schema(rundir.manifest).names
+    except ManifestError:  # none yet, or damaged: ingest rebuilds it, other steps report it
         return
     later = [c for c in columns if owning_step(steps, c) in downstream(steps, name)]
     if later:
         log.info("step %s runs: clearing the manifest columns of later steps (%s)", name, ", ".join(later))
-        write_manifest(derive_status(drop_columns(read_manifest(rundir.manifest), later)), rundir.manifest)
+        rewrite_partitions(rundir.manifest, lambda part, _: derive_status(drop_columns(part, later)))
 
 
 def save_run_config(cfg: CurateConfig) -> None:

@@ -1,0 +1,52 @@
+"""The steps after embed stream (issue 25.2): on a synthetic run directory (bench/bench_curate_memory.py's), reading
+embeddings in small chunks gives the same manifest, clusters and duplicate groups as in large ones."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_curate_memory import build_run, parse_args  # noqa: E402
+from curate.config import load_curate_config  # noqa: E402
+from curate.manifest import check_accounting, read_manifest  # noqa: E402
+from curate.rundir import RunDir  # noqa: E402
+from curate.steps import run_step  # noqa: E402
+
+STEPS = ("dedup", "cluster", "retrieve", "shard", "report")
+
+
+def _run(root: Path) -> RunDir:
+    args = parse_args(["--seeds", "40", "--evals", "40", "--partitions", "3", "--clusters", "12", "--nlist", "8"])
+    cfg = load_curate_config(build_run(root, 1500, args))
+    for step in STEPS:
+        assert run_step(step, cfg).status == "done", step
+    return RunDir(cfg.run_dir)
+
+
+@pytest.fixture(scope="module")
+def large_chunks(tmp_path_factory) -> RunDir:
+    return _run(tmp_path_factory.mktemp("large"))
+
+
+def test_small_chunks_give_the_same_run(large_chunks, tmp_path, monkeypatch):
+    for module in ("curate.embedding.rows", "curate.selection.cluster"):
+        monkeypatch.setattr(f"{module}.CHUNK_ROWS", 97)
+    small = _run(tmp_path)
+    # `file` names each run's own byte file; every other column must be equal
+    assert read_manifest(small.manifest).drop_columns(["file"]).equals(
+        read_manifest(large_chunks.manifest).drop_columns(["file"]))
+    for name in ("level1_centroids.npy", "level2_centroids.npy"):
+        assert (small.clusters / name).read_bytes() == (large_chunks.clusters / name).read_bytes()
+    assert (small.dedup / "groups.parquet").read_bytes() == (large_chunks.dedup / "groups.parquet").read_bytes()
+
+
+def test_the_synthetic_run_is_curated_and_accounted_for(large_chunks):
+    table = read_manifest(large_chunks.manifest)
+    counts = check_accounting(table, final=True)
+    assert counts["duplicate"] > 0 and counts["contaminated"] > 0 and counts["selected"] > 0
+    assert sorted(p.name for p in large_chunks.manifest.iterdir()) == [f"part-{p:05d}.parquet" for p in range(3)]
+    assert len(list(large_chunks.shards.glob("*.tar"))) >= 1
