@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import curate.steps.shard  # noqa: E402
 from bench.bench_curate_memory import build_run, parse_args  # noqa: E402
 from curate.config import load_curate_config  # noqa: E402
 from curate.manifest import check_accounting, read_manifest  # noqa: E402
@@ -50,3 +51,19 @@ def test_the_synthetic_run_is_curated_and_accounted_for(large_chunks):
     assert counts["duplicate"] > 0 and counts["contaminated"] > 0 and counts["selected"] > 0
     assert sorted(p.name for p in large_chunks.manifest.iterdir()) == [f"part-{p:05d}.parquet" for p in range(3)]
     assert len(list(large_chunks.shards.glob("*.tar"))) >= 1
+
+
+def test_shard_reads_the_selected_rows_one_partition_at_a_time(large_chunks, monkeypatch):
+    before = {p.name: p.read_bytes() for p in large_chunks.shards.glob("*.tar")}
+    calls = []
+    real = curate.steps.shard.read_manifest
+
+    def recording(path, columns=None, partitions=None, where=None):
+        calls.append(partitions)
+        return real(path, columns, partitions, where)
+
+    monkeypatch.setattr(curate.steps.shard, "read_manifest", recording)
+    cfg = load_curate_config(large_chunks.root.parent.parent / "memory.yaml")
+    assert run_step("shard", cfg, force=True).status == "done"
+    assert calls == [[0], [1], [2]]
+    assert {p.name: p.read_bytes() for p in large_chunks.shards.glob("*.tar")} == before

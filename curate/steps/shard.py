@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 from tqdm import tqdm
 
 from curate.manifest import CLUSTER_PREFIX, read_manifest
-from curate.manifest_files import read_schema
+from curate.manifest_files import partitions_of, read_schema
 from curate.rundir import THIS_CALL
 from curate.shards.plan import (
     PARTS_DIR,
@@ -45,10 +45,12 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     """Write the shards of this call's partitions; the index once every shard is written."""
     rundir = context.rundir
     rundir.prepare_output(rundir.shards, context.fingerprint, fresh=context.force)
-    # the selected rows only, with the columns a shard holds: the manifest's other rows are never in memory
+    # the selected rows only, with the columns a shard holds, one partition read at a time: the manifest's other rows
+    # are never in memory
     names = read_schema(rundir.manifest).names
     columns = [c for c in names if c in SHARD_COLUMNS or c.startswith(CLUSTER_PREFIX)]
-    rows = read_manifest(rundir.manifest, columns, where=ds.field("status") == "selected").to_pylist()
+    rows = [r for p in partitions_of(rundir.manifest) for r in read_manifest(
+        rundir.manifest, columns, partitions=[p], where=ds.field("status") == "selected").to_pylist()]
     plan = plan_all_shards(rows, cfg.partitions, cfg.shards.max_count, cfg.shards.max_bytes)
     wanted = set(context.partitions) if context.partitions is not None else set(range(cfg.partitions))
     prefix = cfg.shards.prefix
