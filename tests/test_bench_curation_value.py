@@ -7,13 +7,16 @@ from __future__ import annotations
 import io
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bench.bench_curation_value import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bench scripts are not installed
+
+from bench.bench_curation_value import (  # noqa: E402
     CURATE_CONFIG,
     Pool,
     build_pool,
@@ -26,7 +29,7 @@ from bench.bench_curation_value import (
     verdict,
     write_file_list,
 )
-from bench.run_all import USAGE_ERROR
+from bench.run_all import USAGE_ERROR  # noqa: E402
 from curate.config import load_curate_config
 from curate.dedup.planted import plant_copy
 from curate.manifest import INGEST_SCHEMA, RETRIEVE_SCHEMA, derive_status, new_manifest, set_columns, write_manifest
