@@ -17,7 +17,7 @@ import yaml
 from dinoforge.config import ConfigError
 from dinoforge.data.dataset_spec import split_kind_prefix
 from dinoforge.data.shard_index import index_path, read_index
-from dinoforge.hashing import file_sha256
+from dinoforge.hashing import file_sha256, path_sha256
 from evaluation.results import TASK_TITLES, EvalResult
 from pretrain.checkpoint import Checkpointer
 from pretrain.metrics import read_metrics
@@ -66,10 +66,10 @@ def _data_facts(config: dict, notes: list[dict]) -> dict[str, Any]:
         shard_index = read_index(path)
         facts["images"] = shard_index.total_samples
         facts["curation_run"] = shard_index.extra.get("run", "")
-        manifest = index.parent.parent / "manifest.parquet"
-        if manifest.is_file():
+        manifest = index.parent.parent / "manifest.parquet"  # a link to a folder of partition files
+        if manifest.exists():
             facts["manifest"] = str(manifest)
-            facts["manifest_sha256"] = file_sha256(manifest)
+            facts["manifest_sha256"] = path_sha256(manifest)
     return facts
 
 
