@@ -17,7 +17,7 @@ from curate.dedup.config import COPYDETECT_THRESHOLDS
 from curate.dedup.kernels import near_duplicates
 from curate.dedup.partitions import query_partition
 from curate.knn.graph import range_pairs
-from curate.knn.index import AUTO_THRESHOLD, IndexConfig, build_index, plan_index
+from curate.knn.index import AUTO_THRESHOLD, RERANK_FACTOR, IndexConfig, build_index, plan_index
 from curate.rundir import RunDir
 from dinoforge.config import ConfigError
 
@@ -205,3 +205,56 @@ def test_index_override_on_the_command_line(tmp_path, capsys):
     assert summary["near_duplicates"] == 2
     assert main(["run", cfg_path, "index.kind=ivf", "index.nlist=33"]) == 2
     assert "index.nlist=33 exceeds the 32 rows of the kNN graph" in capsys.readouterr().err
+
+
+class RowReader:
+    """A float16 database read by rows (as `EmbeddingRows` reads the store): records how many rows each read took and
+    refuses to be converted whole."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x, self.shape, self.dtype, self.reads = x, x.shape, x.dtype, []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index):
+        out = self.x[index]
+        self.reads.append(len(out))
+        return out
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole database was converted to one array")
+
+
+def test_a_float16_database_is_stored_as_float16_and_searched_as_its_float32_values(tmp_path):
+    x16 = planted(3000).astype(np.float16)
+    cfg = IndexConfig(kind="ivf", nprobe=8)
+    half = build_index(x16, cfg, "cpu")
+    full = build_index(x16.astype(np.float32), cfg, "cpu")
+    assert half.plan.fp16 and not full.plan.fp16
+    assert isinstance(half.index, faiss.IndexIVFScalarQuantizer) and isinstance(full.index, faiss.IndexIVFFlat)
+    (s16, i16), (s32, i32) = half.search(x16[:500], 8), full.search(x16[:500].astype(np.float32), 8)
+    np.testing.assert_array_equal(i16, i32)  # lossless: the float16 rows are the float32 index's values
+    np.testing.assert_allclose(s16, s32, atol=1e-6)
+    # a cache of trained cells of the other kind of index is trained again, not reused
+    cache = tmp_path / "trained.faiss"
+    build_index(x16.astype(np.float32), cfg, "cpu", cache=cache)
+    assert isinstance(build_index(x16, cfg, "cpu", cache=cache).index, faiss.IndexIVFScalarQuantizer)
+
+
+@pytest.mark.parametrize("cfg", [None, IndexConfig(kind="ivf", nprobe=8),
+                                 IndexConfig(kind="ivfpq", nprobe=8, pq_m=8)], ids=["flat", "ivf", "ivfpq"])
+def test_the_database_is_read_in_chunks_never_whole(cfg, monkeypatch):
+    monkeypatch.setattr("curate.knn.index.ADD_CHUNK", 150)
+    monkeypatch.setattr("curate.knn.index.RERANK_CHUNK", 5)
+    x16 = planted(1200).astype(np.float16)
+    reader = RowReader(x16)
+    index = build_index(reader, cfg, "cpu")
+    found = range_pairs(reader, 16, 0.6, use_gpu="cpu", chunk_size=300, index=index)
+    # IVF trains on one sample (k-means needs it whole; it grows as sqrt(rows)); the rest is read a chunk at a time:
+    # 150 rows added at once, 300 queries, ivfpq's re-ranking candidates of 5 queries (5 * 17 * RERANK_FACTOR)
+    reads = sorted(reader.reads)
+    if index.plan.kind != "flat":
+        assert reads.pop() == index.plan.train_rows
+    assert reads and max(reads) <= 300 < len(x16) and 5 * 17 * RERANK_FACTOR < 300
+    assert pairs(found) == pairs(range_pairs(x16, 16, 0.6, use_gpu="cpu", index_cfg=cfg))

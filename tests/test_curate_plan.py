@@ -81,8 +81,18 @@ def test_dedup_flat_graph_is_quadratic_and_each_task_holds_the_whole_index(confi
     assert p.gpu_flops == pytest.approx(PARTITIONS * 2 * per_task * N * d)
     assert p.task_s == pytest.approx(MANIFEST_S + 2 * per_task * N * d / (10e12 * 0.7))
     assert p.gpu_bytes == pytest.approx(4 * N * d)
-    assert p.host_bytes == pytest.approx(MANIFEST_MEM + 4 * N * d + 4 * N * d)  # float32 copy + flat index
+    assert p.host_bytes == pytest.approx(MANIFEST_MEM + 4 * N * d)  # the flat index; rows read from the store
     assert p.read_bytes == pytest.approx(PARTITIONS * 2 * N * d)
+
+
+@pytest.mark.parametrize("kind, code", [("ivf", 2 * 192), ("ivfpq", 16)])
+def test_dedup_ivf_holds_float16_rows_or_codes_the_cells_and_its_training_sample(config, record, kind, code):
+    p = plan(config, record, overrides=(f"index.kind={kind}", "index.nlist=10", "index.pq_m=16"))["dedup"]
+    d, train = 192, 10 * 64 if kind == "ivf" else 256 * 39  # 64 rows per cell; PQ codebooks want 39 per code
+    train = min(N, train)
+    # rows (float16 or codes) and their int64 ids, the float32 centroids and the float32 training sample
+    assert p.host_bytes == pytest.approx(MANIFEST_MEM + N * (code + 8) + 4 * 10 * d + 4 * train * d)
+    assert p.gpu_bytes == pytest.approx(N * (code + 8) + 4 * 10 * d + 4 * train * d)
 
 
 def test_cluster_flops_follow_the_kmeans_sample_sizes(config, record):
@@ -93,7 +103,7 @@ def test_cluster_flops_follow_the_kmeans_sample_sizes(config, record):
     resampling = 10 * (2 * d * 2 * (20 * 4 + 4) + 2 * d * 2 * 8)  # k-means on 2 x 2 of the 8, then all re-assigned
     assert p.gpu_flops == pytest.approx(level1 + level2 + resampling)
     assert p.task_s == pytest.approx(MANIFEST_S + p.gpu_flops / (10e12 * 0.7))
-    assert p.host_bytes == pytest.approx(MANIFEST_MEM + 4 * d * (N + 400))  # the pool and the training sample
+    assert p.host_bytes == pytest.approx(MANIFEST_MEM + 4 * d * 400)  # the training sample; the pool is streamed
 
 
 def test_ingest_and_shard_take_the_measured_cpu_costs(config, record):

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import curate.steps.shard  # noqa: E402
 from bench.bench_curate_memory import build_run, parse_args  # noqa: E402
 from curate.config import load_curate_config  # noqa: E402
+from curate.embedding.rows import EmbeddingRows  # noqa: E402
 from curate.manifest import check_accounting, read_manifest  # noqa: E402
 from curate.rundir import RunDir  # noqa: E402
 from curate.steps import run_step  # noqa: E402
@@ -20,10 +21,13 @@ from curate.steps import run_step  # noqa: E402
 STEPS = ("dedup", "cluster", "retrieve", "shard", "report")
 
 
-def _run(root: Path) -> RunDir:
+def _run(root: Path, steps_run: list[str] | None = None) -> RunDir:
+    """The synthetic run curated step by step (`steps_run`: the step running now is appended before it starts)."""
     args = parse_args(["--seeds", "40", "--evals", "40", "--partitions", "3", "--clusters", "12", "--nlist", "8"])
     cfg = load_curate_config(build_run(root, 1500, args))
     for step in STEPS:
+        if steps_run is not None:
+            steps_run.append(step)
         assert run_step(step, cfg).status == "done", step
     return RunDir(cfg.run_dir)
 
@@ -34,9 +38,24 @@ def large_chunks(tmp_path_factory) -> RunDir:
 
 
 def test_small_chunks_give_the_same_run(large_chunks, tmp_path, monkeypatch):
-    for module in ("curate.embedding.rows", "curate.selection.cluster"):
-        monkeypatch.setattr(f"{module}.CHUNK_ROWS", 97)
-    small = _run(tmp_path)
+    for name in ("curate.embedding.rows.CHUNK_ROWS", "curate.selection.cluster.CHUNK_ROWS",
+                 "curate.selection.retrieve.CHUNK_ROWS", "curate.knn.index.ADD_CHUNK"):
+        monkeypatch.setattr(name, 97)
+    steps_run, reads = [], []  # reads: (step, rows of the embeddings read from, rows read at once)
+    whole_read = EmbeddingRows.__getitem__
+
+    def recording(self, index):
+        out = whole_read(self, index)
+        reads.append((steps_run[-1], len(self), len(out)))
+        return out
+
+    monkeypatch.setattr(EmbeddingRows, "__getitem__", recording)
+    small = _run(tmp_path, steps_run)
+    # dedup and retrieve read the pool's ~1,500 embeddings a partition (~500 rows), an IVF training sample (512) or
+    # a chunk at a time, never whole (k-means trains on a sample that is the whole pool at this size; a seed or
+    # evaluation set of 40 is read whole)
+    pool_reads = [got for step, rows, got in reads if step in ("dedup", "retrieve") and rows > 1000]
+    assert pool_reads and max(pool_reads) <= 600
     # `file` names each run's own byte file; every other column must be equal
     assert read_manifest(small.manifest).drop_columns(["file"]).equals(
         read_manifest(large_chunks.manifest).drop_columns(["file"]))

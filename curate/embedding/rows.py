@@ -48,13 +48,6 @@ class EmbeddingRows:
             out[sel[order]] = self._map(p)[rows[sel][order]]
         return out
 
-    def float32(self) -> np.ndarray:
-        """All rows as one float32 array (what a faiss index is built from), filled `CHUNK_ROWS` rows at a time."""
-        out = np.empty(self.shape, dtype=np.float32)
-        for start in range(0, len(self), CHUNK_ROWS):
-            out[start:start + CHUNK_ROWS] = self[start:start + CHUNK_ROWS]
-        return out
-
 
 def manifest_rows(store: EmbeddingStore, table: pa.Table) -> EmbeddingRows:
     """The embeddings of `table`'s rows (it needs the `uid` and `partition` columns), in its row order."""

@@ -16,6 +16,7 @@ chunk a bounded array and the results identical on CPU and GPU.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -25,6 +26,9 @@ from curate.knn.faiss_device import gpu_available, resolve_use_gpu  # noqa: F401
 
 # as_float32, GPU_MAX_K: imported from here by the steps; the index itself lives in curate.knn.index
 from curate.knn.index import GPU_MAX_K, IndexConfig, VectorIndex, as_float32, build_index  # noqa: F401
+
+if TYPE_CHECKING:
+    from curate.embedding.rows import EmbeddingRows
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def _chunks(n: int, chunk_size: int, desc: str, progress: bool) -> tqdm:
     return tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) <= 1, leave=False)
 
 
-def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "auto",
+def knn_search(xb: np.ndarray | EmbeddingRows, xq: np.ndarray, k: int, use_gpu: bool | str = "auto",
                chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
                index_cfg: IndexConfig | None = None, what: str = "index") -> tuple[np.ndarray, np.ndarray]:
     """The `k` most similar database rows of every query: (sims float32 [nq, k], ids int64 [nq, k]).
@@ -46,13 +50,14 @@ def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "au
     """
     if k < 1:
         raise ValueError(f"k={k}: must be >= 1")
+    xb = xb if hasattr(xb, "shape") else np.asarray(xb)  # an array-like read by rows stays unread
     xq = np.asarray(xq)
     sims = np.full((len(xq), k), -np.inf, dtype=np.float32)
     ids = np.full((len(xq), k), -1, dtype=np.int64)
     if len(xb) == 0 or len(xq) == 0:
         return sims, ids
-    if np.asarray(xb).shape[1] != xq.shape[1]:
-        raise ValueError(f"query dim {xq.shape[1]} != database dim {np.asarray(xb).shape[1]}")
+    if xb.shape[1] != xq.shape[1]:
+        raise ValueError(f"query dim {xq.shape[1]} != database dim {xb.shape[1]}")
     index = build_index(xb, index_cfg, use_gpu, what=what)
     kk = min(k, index.ntotal)
     for start in _chunks(len(xq), chunk_size, "kNN search", progress):
@@ -62,7 +67,7 @@ def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, use_gpu: bool | str = "au
     return sims, ids
 
 
-def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "auto",
+def range_pairs(x: np.ndarray | EmbeddingRows, k: int, threshold: float, use_gpu: bool | str = "auto",
                 query_rows: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
                 progress: bool = True, index: VectorIndex | None = None,
                 index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,8 +80,8 @@ def range_pairs(x: np.ndarray, k: int, threshold: float, use_gpu: bool | str = "
     built as `index_cfg` says (None: flat, exact). An approximate index may miss edges, never invent them: the
     similarities it returns are exact.
     """
-    x = np.asarray(x)
-    n = len(x)
+    x = x if hasattr(x, "shape") else np.asarray(x)  # an array-like read by rows stays unread (curate.knn.index)
+    n = x.shape[0]
     rows = np.arange(n, dtype=np.int64) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= n):
         raise ValueError(f"query_rows must index the {n} rows of x")

@@ -8,10 +8,16 @@ Embeddings are L2-normalised, so the inner product is the cosine similarity, as 
 - ivf: an inverted file (Jegou et al. 2011): spherical k-means cells (`nlist`) trained on a seeded sample, each row
   stored in its nearest cell, a query scanning its `nprobe` nearest cells. Similarities are exact for the rows it
   sees; it only misses neighbours that fall in cells it does not scan. Cost n_queries * (nlist + nprobe * n / nlist).
+  Rows are stored in the database's own precision: float16 embeddings (the store's) as float16 (faiss's fp16 scalar
+  quantizer, lossless for them, half the memory of float32), anything else as float32.
 - ivfpq: the same cells, rows stored as `pq_m`-byte product-quantised codes (memory / 4 * dim / pq_m); candidates
   are re-ranked with the exact inner product, so the similarities compared with a threshold are exact.
 - auto: flat below `auto_threshold` rows, where exact search is cheap and IVF's training would cost more than it
   saves, else ivf (see docs/curation.md for the measurements behind the default).
+
+The database may be any 2-D array-like that is indexed by row arrays and slices and has `shape` and `dtype` (e.g.
+`curate.embedding.rows.EmbeddingRows` over the store's memory maps): it is read `ADD_CHUNK` rows at a time, so no
+float32 copy of the whole database is ever made beside the index.
 
 Results are deterministic: the training sample is drawn with `seed`, faiss's k-means is seeded, and rows are added
 in a fixed order (shard by shard, e.g. per partition). faiss runs on the GPU when `curate.knn.faiss_device` says it can
@@ -51,6 +57,7 @@ TRAIN_ITERATIONS = 10  # k-means iterations, not faiss's 25: training dominates 
 PQ_BITS = 8  # bits per sub-quantizer code: one byte, the only size every faiss GPU IVF-PQ kernel supports
 RERANK_FACTOR = 2  # ivfpq: candidates per wanted neighbour, re-ranked with exact inner products
 RERANK_CHUNK = 1024  # queries re-ranked at once: [1024, 2k, dim] float32, ~130 MB at k=64, dim=256
+ADD_CHUNK = 1 << 16  # database rows converted to float32 and added at a time: 64 MB at dim 256
 
 
 @dataclass
@@ -90,14 +97,16 @@ class IndexPlan:
     pq_m: int = 0
     train_rows: int = 0
     reason: str = ""
+    fp16: bool = False  # ivf: rows stored as float16 (the database is float16, so nothing is lost)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def plan_index(cfg: IndexConfig | None, rows: int, dim: int, what: str = "index") -> IndexPlan:
+def plan_index(cfg: IndexConfig | None, rows: int, dim: int, what: str = "index", fp16: bool = False) -> IndexPlan:
     """Resolve `cfg` for `rows` x `dim` (auto's choice, nlist and sample sizes); ConfigError naming the key when a set
-    value cannot work for this database (`what` it indexes, for the message). None: flat (exact)."""
+    value cannot work for this database (`what` it indexes, for the message). None: flat (exact). `fp16`: the
+    database is float16 (an ivf index then stores it as float16)."""
     if cfg is None:
         return IndexPlan("flat", rows, dim, reason="exact search (no index config)")
     if rows == 0:  # e.g. a pool that exact dedup or ingest emptied: nothing to train cells on
@@ -131,7 +140,7 @@ def plan_index(cfg: IndexConfig | None, rows: int, dim: int, what: str = "index"
                           "training row per cell")
     if kind == "ivfpq":
         train_rows = max(train_rows, min(rows, 2**PQ_BITS * 39))  # faiss's PQ codebooks want >= 39 rows per code
-    return IndexPlan(kind, rows, dim, nlist, nprobe, pq_m, train_rows, reason)
+    return IndexPlan(kind, rows, dim, nlist, nprobe, pq_m, train_rows, reason, fp16=fp16 and kind == "ivf")
 
 
 def as_float32(x: np.ndarray, name: str = "embeddings") -> np.ndarray:
@@ -152,7 +161,12 @@ def train_sample_rows(rows: int, size: int, seed: int) -> np.ndarray:
 def _empty_index(plan: IndexPlan) -> faiss.Index:
     import faiss
     quantizer = faiss.IndexFlatIP(plan.dim)
-    if plan.kind == "ivf":
+    if plan.kind == "ivf" and plan.fp16:
+        # by_residual off: the rows themselves are stored, and float16 rows exactly (a residual to the cell's centre
+        # would be rounded to float16)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, plan.dim, plan.nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT, False)
+    elif plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, plan.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, plan.dim, plan.nlist, plan.pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
@@ -171,10 +185,10 @@ def train_ivf(xb: np.ndarray, plan: IndexPlan, seed: int = 0, cache: Path | None
     import faiss
     if cache is not None and cache.is_file():
         index = faiss.read_index(str(cache))
-        if index.nlist == plan.nlist and index.d == plan.dim and isinstance(index, faiss.IndexIVFPQ) == (
-                plan.kind == "ivfpq"):
+        if index.nlist == plan.nlist and index.d == plan.dim and type(index) is type(_empty_index(plan)):
             return index
-        log.warning("%s holds another index (nlist %d, dim %d); training again", cache, index.nlist, index.d)
+        log.warning("%s holds another index (%s, nlist %d, dim %d); training again", cache, type(index).__name__,
+                    index.nlist, index.d)
     index = _empty_index(plan)
     index.cp.seed = seed
     sample = as_float32(xb[train_sample_rows(plan.rows, plan.train_rows, seed)], "training sample")
@@ -202,14 +216,16 @@ class VectorIndex:
             cpu_index = train_ivf(xb, plan, seed, cache)
         self.index = to_all_gpus(cpu_index, shard=True) if self.on_gpu else cpu_index
         if plan.kind == "flat":
-            self.index.add(as_float32(xb, "database embeddings"))
+            for start in range(0, plan.rows, ADD_CHUNK):
+                self.index.add(as_float32(xb[start:start + ADD_CHUNK], "database embeddings"))
             return
-        # IVF: rows added shard by shard (e.g. one partition at a time) under their row numbers, so the order of the
-        # shards and the memory of one conversion to float32 are bounded by a shard, not by the database.
+        # IVF: rows added shard by shard (e.g. one partition at a time) under their row numbers, in chunks, so the
+        # memory of one conversion to float32 is bounded by a chunk, not by the database.
         for rows in shards if shards is not None else [np.arange(plan.rows, dtype=np.int64)]:
             rows = np.asarray(rows, dtype=np.int64)
-            if rows.size:
-                self.index.add_with_ids(as_float32(xb[rows], "database embeddings"), rows)
+            for start in range(0, rows.size, ADD_CHUNK):
+                part = rows[start:start + ADD_CHUNK]
+                self.index.add_with_ids(as_float32(xb[part], "database embeddings"), part)
         if self.index.ntotal != plan.rows:
             raise ValueError(f"the shards hold {self.index.ntotal} rows, the index plan {plan.rows}")
         if self.on_gpu:
@@ -240,12 +256,14 @@ class VectorIndex:
 def build_index(xb: np.ndarray, cfg: IndexConfig | None = None, use_gpu: bool | str = "auto",
                 shards: Sequence[np.ndarray] | None = None, cache: Path | None = None,
                 what: str = "index") -> VectorIndex:
-    """Index `xb` ([n, d], L2-normalised) as `cfg` says (None: flat, exact). `shards`: row arrays added in turn (IVF;
-    default all rows); `cache`: where the trained IVF cells are kept for other tasks (see `train_ivf`)."""
-    xb = np.asarray(xb)
-    if xb.ndim != 2:
+    """Index `xb` ([n, d], L2-normalised; an array or an array-like read by rows, see above) as `cfg` says (None:
+    flat, exact). `shards`: row arrays added in turn (IVF; default all rows); `cache`: where the trained IVF cells are
+    kept for other tasks (see `train_ivf`)."""
+    if not hasattr(xb, "shape"):
+        xb = np.asarray(xb)
+    if len(xb.shape) != 2:
         raise ValueError(f"database embeddings must be a 2-D array [n, dim], got shape {xb.shape}")
-    plan = plan_index(cfg, len(xb), xb.shape[1], what)
+    plan = plan_index(cfg, xb.shape[0], xb.shape[1], what, fp16=np.dtype(xb.dtype) == np.float16)
     # said once per configured search; the exact searches of other steps (k-means assignment) stay quiet
     log.log(logging.INFO if cfg is not None else logging.DEBUG, "%s: %s index over %d x %d (%s)", what, plan.kind,
             plan.rows, plan.dim, plan.reason)

@@ -235,21 +235,22 @@ def _index_work(cfg: CurateConfig, rows: int, dim: int, queries: float, k: int) 
     train = 2.0 * TRAIN_ITERATIONS * plan.train_rows * plan.nlist * dim  # spherical k-means of the cells
     add = 2.0 * rows * plan.nlist * dim  # every row to its nearest cell
     coarse = 2.0 * queries * plan.nlist * dim
-    code = plan.pq_m if plan.kind == "ivfpq" else 4 * dim
+    code = plan.pq_m if plan.kind == "ivfpq" else 2 * dim  # ivf stores the store's float16 rows as float16
     scanned = queries * plan.nprobe * (rows / plan.nlist) * code
-    if plan.kind == "ivfpq":  # candidates re-ranked with their float32 vectors
-        scanned += queries * RERANK_FACTOR * k * 4 * dim
+    if plan.kind == "ivfpq":  # candidates re-ranked with their float16 vectors, read from the store
+        scanned += queries * RERANK_FACTOR * k * 2 * dim
     what = f"{plan.kind} (nlist {plan.nlist}, nprobe {plan.nprobe}{f', {plan.pq_m} B codes' * bool(plan.pq_m)})"
     return train + add, coarse, scanned, what
 
 
 def index_bytes(cfg: CurateConfig, rows: int, dim: int) -> float:
-    """Memory of the index `curate.knn.index` builds over `rows` x `dim` (vectors or codes, ids, centroids)."""
-    plan = plan_index(cfg.index, rows, dim)
+    """Memory of the index `curate.knn.index` builds over `rows` x `dim` of the store's float16 embeddings (vectors or
+    codes, ids, centroids), and of the float32 sample IVF trains on."""
+    plan = plan_index(cfg.index, rows, dim, fp16=True)
     if plan.kind == "flat":
         return 4.0 * rows * dim
-    code = plan.pq_m if plan.kind == "ivfpq" else 4 * dim
-    return rows * (code + 8.0) + 4.0 * plan.nlist * dim
+    code = plan.pq_m if plan.kind == "ivfpq" else 2 * dim
+    return rows * (code + 8.0) + 4.0 * plan.nlist * dim + 4.0 * plan.train_rows * dim
 
 
 def _dedup(cfg: CurateConfig, n: int, rates: Rates, shape: ArrayShape, manifest_s: float,
@@ -257,11 +258,12 @@ def _dedup(cfg: CurateConfig, n: int, rates: Rates, shape: ArrayShape, manifest_
     dim = embedding_dim(cfg.dedup_embed or cfg.embed)
     per_task = math.ceil(n / shape.tasks)
     build, search, scanned, what = _index_work(cfg, n, dim, per_task, cfg.dedup.k + 1)
-    # every task gathers every row's embedding (float32) and builds the whole index, then searches its partition
+    # every task reads every row's embedding from the store's memory maps, a chunk at a time, into the whole index,
+    # then searches its partition: its memory is the index's (the maps are page cache)
     task_gpu = rates.gpu_s(build + search, scanned)
     return StepPlan("dedup", shape, images=n, gpu_flops=shape.tasks * (build + search),
                     scan_bytes=shape.tasks * scanned, read_bytes=shape.tasks * 2.0 * n * dim,
-                    task_s=manifest_s + task_gpu, host_bytes=manifest_mem + 4.0 * n * dim + index_bytes(cfg, n, dim),
+                    task_s=manifest_s + task_gpu, host_bytes=manifest_mem + index_bytes(cfg, n, dim),
                     gpu_bytes=index_bytes(cfg, n, dim),
                     basis=[f"kNN graph (k={cfg.dedup.k}) through {what}, index built by every task: FLOPs and "
                            f"scanned bytes from curate.knn.index's plan, at {SGEMM_EFFICIENCY:.0%} of the stated fp32 "
@@ -286,11 +288,12 @@ def _cluster(cfg: CurateConfig, n: int, rates: Rates, shape: ArrayShape, manifes
                                                                 c.max_points_per_centroid) + 2.0 * dim * k * inputs)
         inputs = float(k)  # the next level clusters this level's centroids
     train = min(n, c.n_clusters[0] * c.max_points_per_centroid)
-    # Host: the pool's embeddings gathered as float32 and the float32 training sample; faiss pages host data through
-    # the GPU, which holds the centroids. The assignments are manifest columns, the centroids files.
+    # Host: the float32 training sample (the pool is read from the store's memory maps and assigned a chunk at a
+    # time); faiss pages host data through the GPU, which holds the centroids. The assignments are manifest columns,
+    # the centroids files.
     return StepPlan("cluster", shape, images=n, gpu_flops=flops, read_bytes=2.0 * n * dim,
                     disk_bytes=4.0 * dim * sum(c.n_clusters), task_s=manifest_s + rates.gpu_s(flops),
-                    host_bytes=manifest_mem + 4.0 * dim * (n + train), gpu_bytes=4.0 * dim * c.n_clusters[0],
+                    host_bytes=manifest_mem + 4.0 * dim * train, gpu_bytes=4.0 * dim * c.n_clusters[0],
                     basis=[f"hierarchical k-means {c.n_clusters} ({c.n_iter} iterations, resampling "
                            f"{c.resampling_steps}): FLOPs from the sample sizes at {SGEMM_EFFICIENCY:.0%} of the "
                            "stated fp32 peak"])
@@ -308,7 +311,7 @@ def _retrieve(cfg: CurateConfig, n: int, seeds: int, selected: int, rates: Rates
     build, search, scanned, what = _index_work(cfg, n, dim, seeds, cfg.retrieve.n_per_seed)
     plan.gpu_flops, plan.scan_bytes, plan.read_bytes = build + search, scanned, 2.0 * n * dim
     plan.task_s += rates.gpu_s(build + search, scanned)
-    plan.host_bytes += 4.0 * n * dim + index_bytes(cfg, n, dim)
+    plan.host_bytes += index_bytes(cfg, n, dim)  # the pool read from the store's memory maps into the index
     plan.gpu_bytes = index_bytes(cfg, n, dim)
     plan.basis.append(f"{seeds} seeds searched in the pool through {what}, at the stated fp32 peak and bandwidth")
     return plan

@@ -16,12 +16,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from curate.embedding.rows import CHUNK_ROWS
 from curate.knn.graph import as_float32, knn_search
 from curate.knn.index import IndexConfig
 from curate.selection.cluster import rank_within_groups
+
+if TYPE_CHECKING:
+    from curate.embedding.rows import EmbeddingRows
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,8 @@ def _first_per_group(group: np.ndarray, score: np.ndarray) -> np.ndarray:
     return order[first]
 
 
-def sample_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, n_per_seed: int, use_gpu: bool | str = "auto",
+def sample_retrieval(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray, n_per_seed: int,
+                     use_gpu: bool | str = "auto",
                      index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool rows selected, index of the seed that brought each (the most similar), similarity), by pool row.
 
@@ -91,8 +97,9 @@ def sample_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, n_per_seed: int
     return rows[best], seed_of[best], sims[best]
 
 
-def cluster_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, pool_assign: np.ndarray, seed_assign: np.ndarray,
-                      m_per_cluster: int, min_seeds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cluster_retrieval(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray, pool_assign: np.ndarray,
+                      seed_assign: np.ndarray, m_per_cluster: int,
+                      min_seeds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool rows selected, their cluster, similarity to the cluster's mean seed), by pool row.
 
     Qualifying clusters hold more than `min_seeds` seed images; each gives its `m_per_cluster` pool images most
@@ -111,7 +118,11 @@ def cluster_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, pool_assign: n
     seed_mean /= np.maximum(np.linalg.norm(seed_mean, axis=1, keepdims=True), 1e-12)
     rows = np.nonzero(qualifying[pool_assign])[0]
     clusters = pool_assign[rows]
-    sims = np.einsum("nd,nd->n", pool_emb[rows], seed_mean[clusters].astype(np.float32))
+    seed_mean = seed_mean.astype(np.float32)
+    sims = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), CHUNK_ROWS):  # the pool's rows read and converted a chunk at a time
+        at = slice(start, start + CHUNK_ROWS)
+        sims[at] = np.einsum("nd,nd->n", as_float32(pool_emb[rows[at]], "pool embeddings"), seed_mean[clusters[at]])
     order = np.lexsort((-sims, clusters))  # clusters together, most similar to the seeds' mean first
     keep = np.sort(order[rank_within_groups(clusters[order]) < m_per_cluster])
     log.info("cluster retrieval: %d of %d seeded clusters hold > %d seeds; %d pool images", int(qualifying.sum()),
@@ -119,7 +130,7 @@ def cluster_retrieval(pool_emb: np.ndarray, seed_emb: np.ndarray, pool_assign: n
     return rows[keep], clusters[keep], sims[keep]
 
 
-def retrieve(pool_emb: np.ndarray, seed_emb: np.ndarray, seed_uids: Sequence[str],
+def retrieve(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray, seed_uids: Sequence[str],
              pool_assign: np.ndarray | None = None, seed_assign: np.ndarray | None = None,
              cfg: RetrieveConfig | None = None,
              index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, list[str | None], np.ndarray]:
@@ -127,7 +138,10 @@ def retrieve(pool_emb: np.ndarray, seed_emb: np.ndarray, seed_uids: Sequence[str
     selected). Reasons: `seed:<uid>` (sample mode) or `cluster:<level>/<id>` (cluster mode). `index_cfg`: how sample
     mode indexes the pool (None: flat, exact)."""
     cfg = cfg or RetrieveConfig()
-    pool_emb, seed_emb = as_float32(pool_emb, "pool embeddings"), as_float32(seed_emb, "seed embeddings")
+    pool_emb = pool_emb if hasattr(pool_emb, "shape") else np.asarray(pool_emb)  # read by rows, never whole
+    if len(pool_emb.shape) != 2:
+        raise ValueError(f"pool embeddings must be a 2-D array [n, dim], got shape {pool_emb.shape}")
+    seed_emb = as_float32(seed_emb, "seed embeddings")
     if len(seed_uids) != len(seed_emb):
         raise ValueError(f"{len(seed_uids)} seed uids for {len(seed_emb)} seed embeddings")
     n = len(pool_emb)

@@ -50,7 +50,7 @@ def config(cfg: CurateConfig) -> dict:
 def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     """Query the partitions of this call; once every partition is queried, merge and write the dedup columns.
 
-    Reads the few manifest columns it decides from, gathers embeddings by partition (`curate.embedding.rows`), and
+    Reads the few manifest columns it decides from, reads embeddings by partition (`curate.embedding.rows`), and
     rewrites the manifest one partition at a time; the columns it writes are integer and float arrays over the
     manifest's rows until each partition's strings are made."""
     from curate.dedup.kernels import exact_duplicates  # faiss: imported only when deduplicating
@@ -74,9 +74,9 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     evals = np.nonzero(mask_of(table, "eval") & usable)[0]
     nn_rows = _nn_sample(len(base), cfg)
     if todo:
-        emb = manifest_rows(store, table.take(pa.array(base, type=pa.int64()))).float32()
-        eval_emb = manifest_rows(store, table.take(pa.array(evals, type=pa.int64()))).float32() if evals.size \
-            else None
+        # the base stays in the store's memory maps, read in chunks by the index; the evaluation sets are small
+        emb = manifest_rows(store, table.take(pa.array(base, type=pa.int64())))
+        eval_emb = manifest_rows(store, table.take(pa.array(evals, type=pa.int64())))[:] if evals.size else None
         base_part = part_col[base]
         shards = [np.nonzero(base_part == p)[0] for p in range(cfg.partitions)]  # an IVF index is filled per partition
         for p in tqdm(todo, desc="dedup queries", unit="partition"):

@@ -53,7 +53,7 @@ def selection_method(cfg: CurateConfig) -> str:
 def run(cfg: CurateConfig, context: StepContext) -> dict:
     """Select pool images; write the manifest's selection columns and retrieval/summary.json.
 
-    Reads the few manifest columns it decides from, gathers embeddings by partition (`curate.embedding.rows`), and
+    Reads the few manifest columns it decides from, reads embeddings by partition (`curate.embedding.rows`), and
     rewrites the manifest one partition at a time."""
     from curate.selection.cluster import balanced_sample  # faiss
     from curate.selection.retrieve import retrieve as retrieve_for_seed_set
@@ -73,7 +73,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
     per_set: dict[str, int] = {}
     if method == "retrieve":
         store = embedding_store(rundir, cfg)
-        pool_emb = manifest_rows(store, table.take(pa.array(pool, type=pa.int64()))).float32()
+        pool_emb = manifest_rows(store, table.take(pa.array(pool, type=pa.int64())))  # read in chunks when searched
         level_col = f"{CLUSTER_PREFIX}{cfg.retrieve.cluster_level}"
         assign = (table.column(level_col).to_numpy(zero_copy_only=False) if level_col in table.column_names
                   else None)
