@@ -244,13 +244,14 @@ def _index_work(cfg: CurateConfig, rows: int, dim: int, queries: float, k: int) 
 
 
 def index_bytes(cfg: CurateConfig, rows: int, dim: int) -> float:
-    """Memory of the index `curate.knn.index` builds over `rows` x `dim` of the store's float16 embeddings (vectors or
-    codes, ids, centroids), and of the float32 sample IVF trains on."""
+    """Peak memory of the index `curate.knn.index` builds over `rows` x `dim` of the store's float16 embeddings: its
+    centroids, and the larger of the float32 sample IVF trains on (freed before rows are added) and the rows (vectors
+    or codes, and ids)."""
     plan = plan_index(cfg.index, rows, dim, fp16=True)
     if plan.kind == "flat":
         return 4.0 * rows * dim
     code = plan.pq_m if plan.kind == "ivfpq" else 2 * dim
-    return rows * (code + 8.0) + 4.0 * plan.nlist * dim + 4.0 * plan.train_rows * dim
+    return 4.0 * plan.nlist * dim + max(rows * (code + 8.0), 4.0 * plan.train_rows * dim)
 
 
 def _dedup(cfg: CurateConfig, n: int, rates: Rates, shape: ArrayShape, manifest_s: float,
