@@ -49,8 +49,13 @@ class EmbeddingRows:
         return out
 
 
-def manifest_rows(store: EmbeddingStore, table: pa.Table) -> EmbeddingRows:
-    """The embeddings of `table`'s rows (it needs the `uid` and `partition` columns), in its row order."""
+def manifest_rows(store: EmbeddingStore, table: pa.Table, rows: np.ndarray | None = None) -> EmbeddingRows:
+    """The embeddings of `table`'s rows (it needs the `uid` and `partition` columns), in its row order; of the rows
+    at positions `rows` only (a boolean mask or integer positions), when given. Only the two columns are copied."""
+    table = table.select(["uid", "partition"])
+    if rows is not None:
+        rows = np.asarray(rows)
+        table = table.filter(pa.array(rows)) if rows.dtype == bool else table.take(pa.array(rows, type=pa.int64()))
     part = np.asarray(table.column("partition").to_numpy(), dtype=np.int32)
     rows = np.empty(len(part), dtype=np.int64)
     for p in np.unique(part).tolist():

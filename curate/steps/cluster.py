@@ -40,10 +40,10 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
     if not pool.any():
         raise CurateError("nothing to cluster: no pool image survived ingest and dedup (see the manifest's "
                           "status and reason columns)")
-    hierarchy = hierarchical_kmeans(manifest_rows(store, table.filter(pool)), cfg.cluster)
+    hierarchy = hierarchical_kmeans(manifest_rows(store, table, pool), cfg.cluster)
     seed_assign = None
     if seeds.any():  # seeds follow the hierarchy from their nearest finest-level centroid upwards
-        seed_emb = manifest_rows(store, table.filter(seeds))
+        seed_emb = manifest_rows(store, table, seeds)
         seed_assign = [assign_to_centroids(seed_emb, hierarchy[0].centroids, cfg.cluster.use_gpu)]
         for level in range(len(hierarchy) - 1):
             seed_assign.append(parent_clusters(hierarchy, level, cfg.cluster.use_gpu)[seed_assign[-1]])

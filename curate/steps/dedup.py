@@ -75,8 +75,8 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
     nn_rows = _nn_sample(len(base), cfg)
     if todo:
         # the base stays in the store's memory maps, read in chunks by the index; the evaluation sets are small
-        emb = manifest_rows(store, table.take(pa.array(base, type=pa.int64())))
-        eval_emb = manifest_rows(store, table.take(pa.array(evals, type=pa.int64())))[:] if evals.size else None
+        emb = manifest_rows(store, table, base)
+        eval_emb = manifest_rows(store, table, evals)[:] if evals.size else None
         base_part = part_col[base]
         shards = [np.nonzero(base_part == p)[0] for p in range(cfg.partitions)]  # an IVF index is filled per partition
         for p in tqdm(todo, desc="dedup queries", unit="partition"):

@@ -73,7 +73,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
     per_set: dict[str, int] = {}
     if method == "retrieve":
         store = embedding_store(rundir, cfg)
-        pool_emb = manifest_rows(store, table.take(pa.array(pool, type=pa.int64())))  # read in chunks when searched
+        pool_emb = manifest_rows(store, table, pool)  # read in chunks when searched
         level_col = f"{CLUSTER_PREFIX}{cfg.retrieve.cluster_level}"
         assign = (table.column(level_col).to_numpy(zero_copy_only=False) if level_col in table.column_names
                   else None)
