@@ -31,7 +31,9 @@ def test_sample_mode_takes_n_nearest_per_seed():
     assert all(reasons[r] is None for r in np.nonzero(~mask)[0]) and np.isnan(score[~mask]).all()
 
 
-def test_cluster_mode_takes_top_m_of_clusters_with_enough_seeds():
+@pytest.mark.parametrize("chunk", [65536, 7], ids=["one chunk", "chunks of 7 rows"])
+def test_cluster_mode_takes_top_m_of_clusters_with_enough_seeds(chunk, monkeypatch):
+    monkeypatch.setattr("curate.selection.retrieve.CHUNK_ROWS", chunk)  # the pool is read a chunk at a time
     rng = np.random.default_rng(1)
     pool, seeds = unit(rng, 300), unit(rng, 20)
     pool_assign = rng.integers(0, 6, 300)

@@ -119,7 +119,7 @@ def cluster_retrieval(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray
     rows = np.nonzero(qualifying[pool_assign])[0]
     clusters = pool_assign[rows]
     seed_mean = seed_mean.astype(np.float32)
-    sims = np.empty(len(rows), dtype=np.float32)
+    sims = np.full(len(rows), np.nan, dtype=np.float32)  # a row a chunk missed would show
     for start in range(0, len(rows), CHUNK_ROWS):  # the pool's rows read and converted a chunk at a time
         at = slice(start, start + CHUNK_ROWS)
         sims[at] = np.einsum("nd,nd->n", as_float32(pool_emb[rows[at]], "pool embeddings"), seed_mean[clusters[at]])
