@@ -168,7 +168,7 @@ def compare_indexes(args: argparse.Namespace, use_gpu: bool) -> dict:
     x = np.ascontiguousarray(x16, dtype=np.float32)  # as the step converts; not timed
     del x16
     rows = query_rows(args.n, args.query_fraction, args.seed)
-    shards = [np.arange(p, args.n, args.partitions) for p in range(args.partitions)]  # added per partition
+    shards = [np.arange(p, args.n, args.partitions) for p in range(args.partitions)]  # indexed one partition at a time
     kinds = ["flat"] + {"flat": [], "ivf": ["ivf"], "ivfpq": ["ivfpq"], "all": ["ivf", "ivfpq"]}[args.index]
     configs = {kind: IndexConfig(kind=kind, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m, seed=args.seed)
                for kind in kinds}

@@ -258,3 +258,49 @@ def test_the_database_is_read_in_chunks_never_whole(cfg, monkeypatch):
         assert reads.pop() == index.plan.train_rows
     assert reads and max(reads) <= 300 < len(x16) and 5 * 17 * RERANK_FACTOR < 300
     assert pairs(found) == pairs(range_pairs(x16, 16, 0.6, use_gpu="cpu", index_cfg=cfg))
+
+
+@pytest.mark.parametrize("cfg", [None, IndexConfig(kind="ivf", nprobe=8)], ids=["flat", "ivf"])
+def test_a_sharded_index_holds_one_shard_and_finds_what_one_index_finds(cfg, monkeypatch):
+    import curate.knn.index as index_module
+
+    monkeypatch.setattr(index_module, "MERGE_CHUNK", 150)  # queries merged in chunks, a short last one
+
+    x = planted(3000)
+    shards = [np.arange(p, len(x), 4) for p in range(4)]  # interleaved, as partitions are
+    whole = build_index(x, cfg, "cpu")
+    one, one_many = whole.search(x[:400], 9), whole.search(x[:3], 1000)
+    held = []
+
+    class Recording(index_module.VectorIndex):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held.append(self.index.ntotal)
+
+    monkeypatch.setattr(index_module, "VectorIndex", Recording)
+    sharded = build_index(x, cfg, "cpu", shards=shards)
+    assert sharded.whole_batches and sharded.ntotal == len(x)
+    found = sharded.search(x[:400], 9)
+    assert held == [750] * 4  # one shard in the index at a time
+    np.testing.assert_array_equal(found[1], one[1])  # the same cells scanned: the same neighbours
+    np.testing.assert_allclose(found[0], one[0], atol=1e-6)
+    # a k beyond a shard's rows: the shards' neighbours together, as one index gives them (flat: all 1000)
+    many = sharded.search(x[:3], 1000)
+    np.testing.assert_allclose(many[0], one_many[0], atol=1e-6)  # equal similarities may come in another order
+    assert [set(row) for row in many[1].tolist()] == [set(row) for row in one_many[1].tolist()]
+    assert cfg is not None or (many[1] >= 0).all()
+
+
+def test_dedup_queries_on_a_sharded_index_give_the_one_index_graph_and_nearest_neighbours():
+    x = planted(2000)
+    rows = np.arange(0, 2000, 2)
+    shards = [np.arange(0, 2000, 2), np.arange(1, 2000, 2)]
+    cfg = IndexConfig(kind="ivf", nprobe=8)
+    found = query_partition(x, rows, None, 16, 0.6, rows[::10], "cpu", cfg, shards)
+    exact_edges = range_pairs(x, 16, 0.6, use_gpu="cpu", query_rows=rows, index_cfg=cfg)
+    assert pairs((found.edge_i, found.edge_j, found.edge_sim)) == pairs(exact_edges)
+    # the nearest other row, from the same search: what one index of every row finds for the sample
+    sims, ids = build_index(x, cfg, "cpu").search(x[rows[::10]], 2)
+    np.testing.assert_allclose(found.nn_sim, np.where(ids[:, 0] == rows[::10], sims[:, 1], sims[:, 0]), atol=1e-6)
+    with pytest.raises(ValueError, match="nn_rows must be rows of the partition"):
+        query_partition(x, rows, None, 16, 0.6, np.array([1]), "cpu", cfg, shards)

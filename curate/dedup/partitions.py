@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.dedup.kernels import near_duplicates_from_edges, spread_contamination
-from curate.knn.graph import knn_search, range_pairs, unique_edges
+from curate.knn.graph import edges_of, knn_search, unique_edges
 from curate.knn.index import IndexConfig, build_index, plan_index
 from dinoforge.atomic import atomic_write
 
@@ -57,24 +57,31 @@ def query_partition(base: np.ndarray, rows: np.ndarray, eval_emb: np.ndarray | N
     """Search `rows` of `base` against all of `base` (edges >= threshold) and against `eval_emb` (best match).
 
     Both indexes are built as `index_cfg` says (`curate.knn.index`; None: flat); `shards` (the base rows of each
-    partition) are added to an IVF index in turn, and `cache` keeps its trained cells for the other partitions.
+    partition) are indexed one at a time (`ShardedIndex`: the memory of one partition's rows), and `cache` keeps the
+    trained IVF cells for the other partitions. `nn_rows` (a sample of `rows`) get their nearest other row's
+    similarity from the same search.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    # one build serves the graph and the nearest-neighbour sample
+    rows, nn_rows = np.asarray(rows, dtype=np.int64), np.asarray(nn_rows, dtype=np.int64)
+    if not np.isin(nn_rows, rows).all():
+        raise ValueError("nn_rows must be rows of the partition searched")
     index = build_index(base, index_cfg, use_gpu, shards=shards, cache=cache, what="kNN graph")
-    i, j, s = range_pairs(base, k, threshold, query_rows=rows, progress=False, index=index)
+    # one search serves the graph and the nearest-neighbour sample; one extra neighbour: the query finds itself
+    i, j, s = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if rows.size:
+        found_sims, found_ids = index.search(base[rows], min(k + 1, len(base)))
+        i, j, s = unique_edges(*edges_of(rows, found_sims, found_ids, threshold))
     if eval_emb is not None and len(eval_emb) and rows.size:
         sims, ids = knn_search(eval_emb, base[rows], 1, use_gpu=use_gpu, progress=False, index_cfg=index_cfg,
                                what="decontamination")
         eval_index, eval_sim = ids[:, 0], sims[:, 0]
     else:
         eval_index, eval_sim = np.full(rows.size, -1, dtype=np.int64), np.full(rows.size, np.nan, dtype=np.float32)
-    nn_rows = np.asarray(nn_rows, dtype=np.int64)
     nn_sim = np.full(nn_rows.size, np.nan, dtype=np.float32)
     if nn_rows.size and len(base) > 1:
-        sims, ids = index.search(base[nn_rows], 2)
+        order = np.argsort(rows, kind="stable")
+        at = order[np.searchsorted(rows, nn_rows, sorter=order)]  # each sampled row's place among the queries
         # The best hit that is not the query itself (an identical twin can rank before the query).
-        nn_sim = np.where(ids[:, 0] == nn_rows, sims[:, 1], sims[:, 0]).astype(np.float32)
+        nn_sim = np.where(found_ids[at, 0] == nn_rows, found_sims[at, 1], found_sims[at, 0]).astype(np.float32)
     # the plan of the index built here; decontamination's is the one `knn_search` builds for the eval set's size
     plans = {"kNN graph": index.plan.as_dict(),
              "decontamination": plan_index(index_cfg, len(eval_emb), base.shape[1], "decontamination").as_dict()

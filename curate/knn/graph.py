@@ -16,6 +16,7 @@ chunk a bounded array and the results identical on CPU and GPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from curate.knn.faiss_device import gpu_available, resolve_use_gpu  # noqa: F401
 
 # as_float32, GPU_MAX_K: imported from here by the steps; the index itself lives in curate.knn.index
-from curate.knn.index import GPU_MAX_K, IndexConfig, VectorIndex, as_float32, build_index  # noqa: F401
+from curate.knn.index import GPU_MAX_K, IndexConfig, ShardedIndex, VectorIndex, as_float32, build_index  # noqa: F401
 
 if TYPE_CHECKING:
     from curate.embedding.rows import EmbeddingRows
@@ -42,10 +43,12 @@ def _chunks(n: int, chunk_size: int, desc: str, progress: bool) -> tqdm:
 
 def knn_search(xb: np.ndarray | EmbeddingRows, xq: np.ndarray, k: int, use_gpu: bool | str = "auto",
                chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
-               index_cfg: IndexConfig | None = None, what: str = "index") -> tuple[np.ndarray, np.ndarray]:
+               index_cfg: IndexConfig | None = None, what: str = "index",
+               shards: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The `k` most similar database rows of every query: (sims float32 [nq, k], ids int64 [nq, k]).
 
-    `index_cfg`: how `xb` is indexed (`curate.knn.index`; None: flat, exact); `what`: the index's name in messages.
+    `index_cfg`: how `xb` is indexed (`curate.knn.index`; None: flat, exact); `what`: the index's name in messages;
+    `shards`: row arrays partitioning `xb`, indexed one at a time (`curate.knn.index.ShardedIndex`).
     When `k` exceeds the database size the extra columns hold id -1 and similarity -inf.
     """
     if k < 1:
@@ -58,8 +61,10 @@ def knn_search(xb: np.ndarray | EmbeddingRows, xq: np.ndarray, k: int, use_gpu: 
         return sims, ids
     if xb.shape[1] != xq.shape[1]:
         raise ValueError(f"query dim {xq.shape[1]} != database dim {xb.shape[1]}")
-    index = build_index(xb, index_cfg, use_gpu, what=what)
+    index = build_index(xb, index_cfg, use_gpu, shards=shards, what=what)
     kk = min(k, index.ntotal)
+    if index.whole_batches:
+        chunk_size = len(xq)
     for start in _chunks(len(xq), chunk_size, "kNN search", progress):
         s, i = index.search(xq[start:start + chunk_size], kk)
         sims[start:start + len(s), :kk] = s
@@ -69,7 +74,7 @@ def knn_search(xb: np.ndarray | EmbeddingRows, xq: np.ndarray, k: int, use_gpu: 
 
 def range_pairs(x: np.ndarray | EmbeddingRows, k: int, threshold: float, use_gpu: bool | str = "auto",
                 query_rows: np.ndarray | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, index: VectorIndex | None = None,
+                progress: bool = True, index: VectorIndex | ShardedIndex | None = None,
                 index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edges (i, j, sim) of the kNN graph of `x` with cosine >= `threshold`, i != j.
 
@@ -91,16 +96,25 @@ def range_pairs(x: np.ndarray | EmbeddingRows, k: int, threshold: float, use_gpu
     index = index or build_index(x, index_cfg, use_gpu, what="kNN graph")
     # One extra neighbour because the query itself is (almost always) its own first hit.
     kk = min(k + 1, n)
+    if index.whole_batches:
+        chunk_size = len(rows)
     found_i, found_j, found_s = [], [], []
     for start in _chunks(len(rows), chunk_size, "kNN graph", progress):
         q = rows[start:start + chunk_size]
-        sims, ids = index.search(x[q], kk)
-        keep = (sims >= threshold) & (ids >= 0) & (ids != q[:, None])
-        qi, col = np.nonzero(keep)
-        found_i.append(q[qi])
-        found_j.append(ids[qi, col])
-        found_s.append(sims[qi, col])
+        i, j, s = edges_of(q, *index.search(x[q], kk), threshold)
+        found_i.append(i)
+        found_j.append(j)
+        found_s.append(s)
     return unique_edges(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s))
+
+
+def edges_of(q: np.ndarray, sims: np.ndarray, ids: np.ndarray,
+             threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The directed edges (query row, neighbour, sim) of search results for rows `q` with cosine >= `threshold`,
+    leaving out each query's own row."""
+    keep = (sims >= threshold) & (ids >= 0) & (ids != q[:, None])
+    qi, col = np.nonzero(keep)
+    return q[qi], ids[qi, col], sims[qi, col]
 
 
 def unique_edges(i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

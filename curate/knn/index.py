@@ -26,6 +26,7 @@ in a fixed order (shard by shard, e.g. per partition). faiss runs on the GPU whe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ PQ_BITS = 8  # bits per sub-quantizer code: one byte, the only size every faiss 
 RERANK_FACTOR = 2  # ivfpq: candidates per wanted neighbour, re-ranked with exact inner products
 RERANK_CHUNK = 1024  # queries re-ranked at once: [1024, 2k, dim] float32, ~130 MB at k=64, dim=256
 ADD_CHUNK = 1 << 16  # database rows converted to float32 and added at a time: 64 MB at dim 256
+MERGE_CHUNK = 1 << 14  # queries whose shard results are merged at a time: [16384, 2k] candidates, ~27 MB at k=65
 
 
 @dataclass
@@ -201,33 +203,37 @@ def train_ivf(xb: np.ndarray, plan: IndexPlan, seed: int = 0, cache: Path | None
 
 
 class VectorIndex:
-    """`xb` indexed as `plan` says, on all visible GPUs (sharded) or on the CPU; `search` gives inner products."""
+    """Rows `rows` of `xb` (default: all) indexed as `plan` says, on all visible GPUs (sharded) or on the CPU;
+    `search` gives inner products and ids that are rows of `xb`. `trained`: IVF cells already trained (copied)."""
+
+    whole_batches = False  # a search costs the same in any batch size: callers may search in chunks
 
     def __init__(self, xb: np.ndarray, plan: IndexPlan, use_gpu: bool | str = "auto", seed: int = 0,
-                 shards: Sequence[np.ndarray] | None = None, cache: Path | None = None) -> None:
+                 rows: np.ndarray | None = None, cache: Path | None = None, trained: faiss.Index | None = None) -> None:
         import faiss
         self.plan = plan
         self.ntotal, self.dim = plan.rows, plan.dim
         self.on_gpu = resolve_use_gpu(use_gpu)
         self._xb = xb  # ivfpq re-ranks its candidates with the exact vectors
+        rows = np.arange(plan.rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows.size != plan.rows:
+            raise ValueError(f"the shards hold {rows.size} rows, the index plan {plan.rows}")
         if plan.kind == "flat":
             cpu_index = faiss.IndexFlatIP(self.dim)
         else:
-            cpu_index = train_ivf(xb, plan, seed, cache)
+            cpu_index = faiss.clone_index(trained) if trained is not None else train_ivf(xb, plan, seed, cache)
         self.index = to_all_gpus(cpu_index, shard=True) if self.on_gpu else cpu_index
-        if plan.kind == "flat":
-            for start in range(0, plan.rows, ADD_CHUNK):
-                self.index.add(as_float32(xb[start:start + ADD_CHUNK], "database embeddings"))
-            return
-        # IVF: rows added shard by shard (e.g. one partition at a time) under their row numbers, in chunks, so the
-        # memory of one conversion to float32 is bounded by a chunk, not by the database.
-        for rows in shards if shards is not None else [np.arange(plan.rows, dtype=np.int64)]:
-            rows = np.asarray(rows, dtype=np.int64)
-            for start in range(0, rows.size, ADD_CHUNK):
-                part = rows[start:start + ADD_CHUNK]
+        # rows added in chunks under their row numbers (a flat index numbers them itself: `_ids` maps back), so the
+        # memory of one conversion to float32 is bounded by a chunk, not by the database
+        self._ids = rows if plan.kind == "flat" else None
+        for start in range(0, rows.size, ADD_CHUNK):
+            part = rows[start:start + ADD_CHUNK]
+            if plan.kind == "flat":
+                self.index.add(as_float32(xb[part], "database embeddings"))
+            else:
                 self.index.add_with_ids(as_float32(xb[part], "database embeddings"), part)
-        if self.index.ntotal != plan.rows:
-            raise ValueError(f"the shards hold {self.index.ntotal} rows, the index plan {plan.rows}")
+        if plan.kind == "flat":
+            return
         if self.on_gpu:
             faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", plan.nprobe)
         else:
@@ -238,6 +244,9 @@ class VectorIndex:
         if self.on_gpu and k > GPU_MAX_K:
             raise ValueError(f"k={k}: faiss GPU search supports k <= {GPU_MAX_K}")
         xq = as_float32(xq, "query embeddings")
+        if self.plan.kind == "flat":
+            sims, pos = self.index.search(xq, k)
+            return sims, np.where(pos >= 0, self._ids[np.maximum(pos, 0)], -1)
         if self.plan.kind != "ivfpq":
             return self.index.search(xq, k)
         # PQ similarities are approximations: re-rank a wider candidate list with the exact inner products, so a
@@ -250,15 +259,59 @@ class VectorIndex:
             cand = as_float32(self._xb[np.maximum(part, 0).ravel()]).reshape(*part.shape, self.dim)
             exact = np.einsum("qd,qkd->qk", xq[start:start + RERANK_CHUNK], cand)
             sims[start:start + RERANK_CHUNK] = np.where(part >= 0, exact, -np.inf)
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        return best_of(sims, ids, k)
+
+
+def best_of(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` most similar of each row's candidates (sims, ids [nq, m]), best first; ties keep their order."""
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+class ShardedIndex:
+    """`xb` as `plan` says, held one shard (row array, e.g. a partition's rows) at a time: a search indexes each shard
+    in turn and keeps each query's best `k` over all of them, so the index's memory is one shard's, not the
+    database's. The IVF cells are trained once, on a sample of the whole database, and shared: each shard's lists are
+    those cells' lists restricted to the shard, so a query scans the same rows as in one index of every row and gets
+    the same neighbours (ivfpq: each shard re-ranks its own candidates, so it sees at least as many as one index).
+    Every search re-adds every row: search once with all the queries (`whole_batches`)."""
+
+    whole_batches = True
+
+    def __init__(self, xb: np.ndarray, plan: IndexPlan, use_gpu: bool | str, seed: int, shards: Sequence[np.ndarray],
+                 cache: Path | None = None) -> None:
+        self.plan, self.ntotal, self.dim = plan, plan.rows, plan.dim
+        self.shards = [np.asarray(rows, dtype=np.int64) for rows in shards]
+        held = sum(rows.size for rows in self.shards)
+        if held != plan.rows:
+            raise ValueError(f"the shards hold {held} rows, the index plan {plan.rows}")
+        self._xb, self._use_gpu, self._seed = xb, use_gpu, seed
+        self._trained = train_ivf(xb, plan, seed, cache) if plan.kind != "flat" else None
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities float32 [nq, k], ids int64 [nq, k]) over every shard, best first; missing: id -1."""
+        xq = as_float32(xq, "query embeddings")
+        sims = np.full((len(xq), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(xq), k), -1, dtype=np.int64)
+        for rows in self.shards:
+            if rows.size == 0 or len(xq) == 0:
+                continue
+            shard = VectorIndex(self._xb, dataclasses.replace(self.plan, rows=rows.size), self._use_gpu, self._seed,
+                                rows, trained=self._trained)
+            for start in range(0, len(xq), MERGE_CHUNK):  # the merge's [chunk, 2k] candidates, a chunk at a time
+                at = slice(start, start + MERGE_CHUNK)
+                found = shard.search(xq[at], min(k, rows.size))
+                sims[at], ids[at] = best_of(np.concatenate([sims[at], found[0]], axis=1),
+                                            np.concatenate([ids[at], found[1]], axis=1), k)
+        return sims, ids
+
 
 def build_index(xb: np.ndarray, cfg: IndexConfig | None = None, use_gpu: bool | str = "auto",
                 shards: Sequence[np.ndarray] | None = None, cache: Path | None = None,
-                what: str = "index") -> VectorIndex:
+                what: str = "index") -> VectorIndex | ShardedIndex:
     """Index `xb` ([n, d], L2-normalised; an array or an array-like read by rows, see above) as `cfg` says (None:
-    flat, exact). `shards`: row arrays added in turn (IVF; default all rows); `cache`: where the trained IVF cells are
-    kept for other tasks (see `train_ivf`)."""
+    flat, exact). `shards`: row arrays that partition the rows (e.g. one per manifest partition): the index holds one
+    at a time (`ShardedIndex`); `cache`: where the trained IVF cells are kept for other tasks (see `train_ivf`)."""
     if not hasattr(xb, "shape"):
         xb = np.asarray(xb)
     if len(xb.shape) != 2:
@@ -267,4 +320,7 @@ def build_index(xb: np.ndarray, cfg: IndexConfig | None = None, use_gpu: bool | 
     # said once per configured search; the exact searches of other steps (k-means assignment) stay quiet
     log.log(logging.INFO if cfg is not None else logging.DEBUG, "%s: %s index over %d x %d (%s)", what, plan.kind,
             plan.rows, plan.dim, plan.reason)
-    return VectorIndex(xb, plan, use_gpu, cfg.seed if cfg is not None else 0, shards, cache)
+    seed = cfg.seed if cfg is not None else 0
+    if shards is not None:
+        return ShardedIndex(xb, plan, use_gpu, seed, shards, cache)
+    return VectorIndex(xb, plan, use_gpu, seed, cache=cache)

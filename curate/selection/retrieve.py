@@ -81,12 +81,14 @@ def _first_per_group(group: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def sample_retrieval(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray, n_per_seed: int,
-                     use_gpu: bool | str = "auto",
-                     index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     use_gpu: bool | str = "auto", index_cfg: IndexConfig | None = None,
+                     pool_shards: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool rows selected, index of the seed that brought each (the most similar), similarity), by pool row.
 
-    `index_cfg`: how the pool is indexed (`curate.knn.index`; None: flat, exact)."""
-    sims, ids = knn_search(pool_emb, seed_emb, n_per_seed, use_gpu=use_gpu, index_cfg=index_cfg, what="retrieval")
+    `index_cfg`: how the pool is indexed (`curate.knn.index`; None: flat, exact); `pool_shards`: row arrays
+    partitioning the pool, indexed one at a time (the same result, the memory of one shard)."""
+    sims, ids = knn_search(pool_emb, seed_emb, n_per_seed, use_gpu=use_gpu, index_cfg=index_cfg, what="retrieval",
+                           shards=pool_shards)
     seed_of = np.repeat(np.arange(len(seed_emb)), sims.shape[1])
     rows, sims = ids.ravel(), sims.ravel()
     valid = rows >= 0
@@ -132,11 +134,12 @@ def cluster_retrieval(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray
 
 def retrieve(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray, seed_uids: Sequence[str],
              pool_assign: np.ndarray | None = None, seed_assign: np.ndarray | None = None,
-             cfg: RetrieveConfig | None = None,
-             index_cfg: IndexConfig | None = None) -> tuple[np.ndarray, list[str | None], np.ndarray]:
+             cfg: RetrieveConfig | None = None, index_cfg: IndexConfig | None = None,
+             pool_shards: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, list[str | None], np.ndarray]:
     """Pool images selected for one seed set: (mask bool [N], reason per row or None, score float32 [N], NaN if not
     selected). Reasons: `seed:<uid>` (sample mode) or `cluster:<level>/<id>` (cluster mode). `index_cfg`: how sample
-    mode indexes the pool (None: flat, exact)."""
+    mode indexes the pool (None: flat, exact); `pool_shards`: row arrays partitioning the pool, for an index that
+    holds one at a time."""
     cfg = cfg or RetrieveConfig()
     pool_emb = pool_emb if hasattr(pool_emb, "shape") else np.asarray(pool_emb)  # read by rows, never whole
     if len(pool_emb.shape) != 2:
@@ -152,7 +155,8 @@ def retrieve(pool_emb: np.ndarray | EmbeddingRows, seed_emb: np.ndarray, seed_ui
         return mask, reasons, score
     mode = resolve_mode(cfg, len(seed_emb), pool_assign is not None and seed_assign is not None)
     if mode == "sample":
-        rows, seed_of, sims = sample_retrieval(pool_emb, seed_emb, cfg.n_per_seed, cfg.use_gpu, index_cfg)
+        rows, seed_of, sims = sample_retrieval(pool_emb, seed_emb, cfg.n_per_seed, cfg.use_gpu, index_cfg,
+                                               pool_shards)
         labels = [f"seed:{seed_uids[s]}" for s in seed_of.tolist()]
     else:
         rows, cluster_of, sims = cluster_retrieval(pool_emb, seed_emb, pool_assign, seed_assign, cfg.m_per_cluster,

@@ -78,7 +78,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
         emb = manifest_rows(store, table, base)
         eval_emb = manifest_rows(store, table, evals)[:] if evals.size else None
         base_part = part_col[base]
-        shards = [np.nonzero(base_part == p)[0] for p in range(cfg.partitions)]  # an IVF index is filled per partition
+        shards = [np.nonzero(base_part == p)[0] for p in range(cfg.partitions)]  # indexed one partition at a time
         for p in tqdm(todo, desc="dedup queries", unit="partition"):
             found = query_partition(emb, shards[p], eval_emb, cfg.dedup.k, cfg.dedup.threshold,
                                     nn_rows[base_part[nn_rows] == p], cfg.dedup.use_gpu, cfg.index, shards,

@@ -74,6 +74,8 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
     if method == "retrieve":
         store = embedding_store(rundir, cfg)
         pool_emb = manifest_rows(store, table, pool)  # read in chunks when searched
+        pool_part = table.column("partition").to_numpy()[pool]
+        shards = [np.nonzero(pool_part == p)[0] for p in range(cfg.partitions)]  # indexed one at a time
         level_col = f"{CLUSTER_PREFIX}{cfg.retrieve.cluster_level}"
         assign = (table.column(level_col).to_numpy(zero_copy_only=False) if level_col in table.column_names
                   else None)
@@ -89,7 +91,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
             mask, why, sc = retrieve_for_seed_set(
                 pool_emb, manifest_rows(store, seed_table)[:], seed_table.column("uid").to_pylist(),
                 assign[pool].astype(np.int64) if assign is not None else None,
-                assign[seeds].astype(np.int64) if assign is not None else None, cfg.retrieve, cfg.index)
+                assign[seeds].astype(np.int64) if assign is not None else None, cfg.retrieve, cfg.index, shards)
             better = mask & ~(np.nan_to_num(score[pool], nan=-np.inf) >= sc)  # ties: the earlier seed set
             for j in np.nonzero(better)[0]:
                 reason[int(pool[j])], score[pool[j]] = why[j], sc[j]
