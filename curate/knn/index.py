@@ -239,8 +239,10 @@ class VectorIndex:
         else:
             self.index.nprobe = plan.nprobe
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities float32 [nq, k], ids int64 [nq, k]), best first; missing neighbours have id -1."""
+    def search(self, xq: np.ndarray, k: int,
+               cells: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities float32 [nq, k], ids int64 [nq, k]), best first; missing neighbours have id -1. `cells`:
+        the queries' (similarities, ids) of their `nprobe` nearest IVF cells, already found (CPU only)."""
         if self.on_gpu and k > GPU_MAX_K:
             raise ValueError(f"k={k}: faiss GPU search supports k <= {GPU_MAX_K}")
         xq = as_float32(xq, "query embeddings")
@@ -248,11 +250,11 @@ class VectorIndex:
             sims, pos = self.index.search(xq, k)
             return sims, np.where(pos >= 0, self._ids[np.maximum(pos, 0)], -1)
         if self.plan.kind != "ivfpq":
-            return self.index.search(xq, k)
+            return self._ivf_search(xq, k, cells)
         # PQ similarities are approximations: re-rank a wider candidate list with the exact inner products, so a
         # threshold compares exact cosines and a near neighbour ranked low by its code can still make the top k.
         wide = min(self.ntotal, k * RERANK_FACTOR)
-        _, ids = self.index.search(xq, wide)
+        _, ids = self._ivf_search(xq, wide, cells)
         sims = np.full(ids.shape, -np.inf, dtype=np.float32)
         for start in range(0, len(xq), RERANK_CHUNK):  # bounds the gathered [chunk, wide, dim] candidates
             part = ids[start:start + RERANK_CHUNK]
@@ -260,6 +262,12 @@ class VectorIndex:
             exact = np.einsum("qd,qkd->qk", xq[start:start + RERANK_CHUNK], cand)
             sims[start:start + RERANK_CHUNK] = np.where(part >= 0, exact, -np.inf)
         return best_of(sims, ids, k)
+
+    def _ivf_search(self, xq: np.ndarray, k: int,
+                    cells: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        if cells is None or self.on_gpu:
+            return self.index.search(xq, k)
+        return self.index.search_preassigned(xq, k, cells[1], cells[0])
 
 
 def best_of(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -293,6 +301,9 @@ class ShardedIndex:
         xq = as_float32(xq, "query embeddings")
         sims = np.full((len(xq), k), -np.inf, dtype=np.float32)
         ids = np.full((len(xq), k), -1, dtype=np.int64)
+        # each query's nearest cells, found once for every shard (they share the cells): [nq, nprobe] sims and ids
+        cells = self._trained.quantizer.search(xq, self.plan.nprobe) if self._trained is not None and len(xq) \
+            else None
         for rows in self.shards:
             if rows.size == 0 or len(xq) == 0:
                 continue
@@ -300,7 +311,7 @@ class ShardedIndex:
                                 rows, trained=self._trained)
             for start in range(0, len(xq), MERGE_CHUNK):  # the merge's [chunk, 2k] candidates, a chunk at a time
                 at = slice(start, start + MERGE_CHUNK)
-                found = shard.search(xq[at], min(k, rows.size))
+                found = shard.search(xq[at], min(k, rows.size), None if cells is None else (cells[0][at], cells[1][at]))
                 sims[at], ids[at] = best_of(np.concatenate([sims[at], found[0]], axis=1),
                                             np.concatenate([ids[at], found[1]], axis=1), k)
         return sims, ids
