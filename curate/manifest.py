@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from curate.manifest_files import ManifestError, read_table, write_table
+from curate.manifest_files import ManifestError, iter_partitions, read_table, write_table
 
 ROLES = ("pool", "seed", "eval")
 STATUSES = ("ok", "rejected", "duplicate", "contaminated", "selected", "not_selected")
@@ -183,6 +183,17 @@ def check_accounting(table: pa.Table, final: bool = False) -> dict[str, int]:
         raise ManifestError(f"accounting broken: {n_pool} pool inputs but {accounted} rows in statuses "
                             f"{allowed}: {counts}")
     return counts
+
+
+def check_manifest_accounting(path: str | Path, final: bool = False) -> dict[str, int]:
+    """`check_accounting` of the manifest at `path`, one partition's rows at a time, and the counts summed.
+
+    A uid's partition is a function of the uid (`curate.partition`), so two rows with one uid share a partition:
+    uids unique within every partition are unique in the manifest."""
+    total: Counter[str] = Counter()
+    for _, part in iter_partitions(path, ["uid", "role", "status"]):
+        total.update(check_accounting(part, final))
+    return {s: total[s] for s in STATUSES}
 
 
 def mask_of(table: pa.Table, role: str | None = None, statuses: Sequence[str] | None = None) -> np.ndarray:

@@ -18,6 +18,7 @@ from curate.manifest import (
     RETRIEVE_SCHEMA,
     ManifestError,
     check_accounting,
+    check_manifest_accounting,
     derive_status,
     new_manifest,
     read_manifest,
@@ -84,6 +85,23 @@ def test_accounting_final_refuses_undecided_rows():
     assert check_accounting(t, final=False)["ok"] == 2
     with pytest.raises(ManifestError, match="accounting broken: 2 pool inputs but 0 rows"):
         check_accounting(t, final=True)
+
+
+def test_accounting_of_a_manifest_on_disk_goes_partition_by_partition(tmp_path):
+    t = _table()
+    t = t.set_column(t.schema.get_field_index("partition"), "partition",
+                     pa.array([i % 3 for i in range(t.num_rows)], pa.int32()))
+    write_manifest(t, tmp_path / "manifest.parquet")
+    assert check_manifest_accounting(tmp_path / "manifest.parquet", final=True) == check_accounting(t, final=True)
+    undecided = new_manifest([{**_row("a"), "partition": 0}, {**_row("b"), "partition": 1}])
+    write_manifest(undecided, tmp_path / "undecided.parquet")
+    assert check_manifest_accounting(tmp_path / "undecided.parquet")["ok"] == 2
+    with pytest.raises(ManifestError, match="accounting broken"):
+        check_manifest_accounting(tmp_path / "undecided.parquet", final=True)
+    twice = pa.concat_tables([new_manifest([_row("a")])] * 2)  # one uid twice, so in one partition
+    write_manifest(twice, tmp_path / "twice.parquet")
+    with pytest.raises(ManifestError, match="not unique"):
+        check_manifest_accounting(tmp_path / "twice.parquet")
 
 
 def test_uids_must_be_unique():

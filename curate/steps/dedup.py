@@ -22,7 +22,7 @@ from curate.dedup.config import COPYDETECT_THRESHOLDS
 from curate.embedding.rows import manifest_rows
 from curate.manifest import (
     DEDUP_SCHEMA,
-    check_accounting,
+    check_manifest_accounting,
     derive_status,
     drop_columns,
     mask_of,
@@ -105,7 +105,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict | None:
 
     rewrite_partitions(rundir.manifest, with_dedup)
     atomic_write(rundir.dedup / "groups.parquet", lambda fh: pq.write_table(pa.concat_tables(groups), fh))
-    counts = check_accounting(read_manifest(rundir.manifest, ["uid", "role", "status"]))
+    counts = check_manifest_accounting(rundir.manifest)
     return {"exact_duplicates": int((exact >= 0).sum()), "near_duplicates": int((merged.duplicate_of >= 0).sum()),
             "graph_edges": merged.n_edges, "contaminated": counts["contaminated"],
             "kept": counts["ok"] + counts["selected"] + counts["not_selected"],

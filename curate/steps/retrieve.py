@@ -16,7 +16,7 @@ from curate.errors import CurateError
 from curate.manifest import (
     CLUSTER_PREFIX,
     RETRIEVE_SCHEMA,
-    check_accounting,
+    check_manifest_accounting,
     cluster_columns,
     derive_status,
     drop_columns,
@@ -120,7 +120,7 @@ def run(cfg: CurateConfig, context: StepContext) -> dict:
             "retrieval_score": pa.array(score[rows], pa.float32(), mask=np.isnan(score[rows]))}))
 
     rewrite_partitions(rundir.manifest, with_selection)
-    counts = check_accounting(read_manifest(rundir.manifest, ["uid", "role", "status"]), final=True)
+    counts = check_manifest_accounting(rundir.manifest, final=True)
     summary = {"method": method, "selected": counts["selected"], "not_selected": counts["not_selected"],
                "per_seed_set": per_set}
     rundir.retrieval.mkdir(parents=True, exist_ok=True)
