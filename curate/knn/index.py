@@ -19,8 +19,12 @@ The database may be any 2-D array-like that is indexed by row arrays and slices 
 `curate.embedding.rows.EmbeddingRows` over the store's memory maps): it is read `ADD_CHUNK` rows at a time, so no
 float32 copy of the whole database is ever made beside the index.
 
+Given shards (row arrays partitioning the database, e.g. one per manifest partition), `build_index` returns a
+`ShardedIndex`: one shard in the index at a time, the shards' results merged per query, with the same neighbours as
+one index of every row (the IVF cells are shared), so a task's index memory is a shard's, not the database's.
+
 Results are deterministic: the training sample is drawn with `seed`, faiss's k-means is seeded, and rows are added
-in a fixed order (shard by shard, e.g. per partition). faiss runs on the GPU when `curate.knn.faiss_device` says it can
+in a fixed order (shard by shard). faiss runs on the GPU when `curate.knn.faiss_device` says it can
 (the GPU IVF path is not covered by the CPU test suite).
 """
 
