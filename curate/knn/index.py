@@ -298,6 +298,7 @@ class ShardedIndex:
         if held != plan.rows:
             raise ValueError(f"the shards hold {held} rows, the index plan {plan.rows}")
         self._xb, self._use_gpu, self._seed = xb, use_gpu, seed
+        self.on_gpu = resolve_use_gpu(use_gpu)
         self._trained = train_ivf(xb, plan, seed, cache) if plan.kind != "flat" else None
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,8 +307,9 @@ class ShardedIndex:
         sims = np.full((len(xq), k), -np.inf, dtype=np.float32)
         ids = np.full((len(xq), k), -1, dtype=np.int64)
         # each query's nearest cells, found once for every shard (they share the cells): [nq, nprobe] sims and ids
-        cells = self._trained.quantizer.search(xq, self.plan.nprobe) if self._trained is not None and len(xq) \
-            else None
+        # (a GPU index finds them itself)
+        cells = self._trained.quantizer.search(xq, self.plan.nprobe) \
+            if self._trained is not None and len(xq) and not self.on_gpu else None
         for rows in self.shards:
             if rows.size == 0 or len(xq) == 0:
                 continue
