@@ -221,7 +221,7 @@ class VectorIndex:
         self._xb = xb  # ivfpq re-ranks its candidates with the exact vectors
         rows = np.arange(plan.rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         if rows.size != plan.rows:
-            raise ValueError(f"the shards hold {rows.size} rows, the index plan {plan.rows}")
+            raise ValueError(f"{rows.size} rows given to index, the index plan has {plan.rows}")
         if plan.kind == "flat":
             cpu_index = faiss.IndexFlatIP(self.dim)
         else:
