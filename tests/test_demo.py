@@ -139,8 +139,9 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
 
 def _interrupt(demo: Path, event: Path, sig: signal.Signals) -> None:
     """Start the demo in its own process group, and send `sig` to the whole group once `event` exists."""
+    # Ctrl-C reaches the demo even when the suite runs as a background job, whose children inherit SIGINT ignored
     proc = subprocess.Popen(make_command(demo), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(event, proc)
         os.killpg(proc.pid, sig)
