@@ -75,13 +75,13 @@ def test_embed_is_vit_flops_by_hand_and_decoding_on_the_task_cores(config, recor
     assert p.wall_s == pytest.approx(2 * p.task_s + MANIFEST_S)  # 4 tasks on 2 GPUs: two waves, then the closing
 
 
-def test_dedup_flat_graph_is_quadratic_and_each_task_holds_the_whole_index(config, record):
+def test_dedup_flat_graph_is_quadratic_and_each_task_holds_one_partition_in_its_index(config, record):
     p = plan(config, record)["dedup"]
     d, per_task = 192, N // PARTITIONS
     assert p.gpu_flops == pytest.approx(PARTITIONS * 2 * per_task * N * d)
     assert p.task_s == pytest.approx(MANIFEST_S + 2 * per_task * N * d / (10e12 * 0.7))
-    assert p.gpu_bytes == pytest.approx(4 * N * d)
-    assert p.host_bytes == pytest.approx(MANIFEST_MEM + 4 * N * d)  # the flat index; rows read from the store
+    assert p.gpu_bytes == pytest.approx(4 * N // PARTITIONS * d)  # one partition's rows in the index at a time
+    assert p.host_bytes == pytest.approx(MANIFEST_MEM + 4 * N // PARTITIONS * d)  # rows read from the store
     assert p.read_bytes == pytest.approx(PARTITIONS * 2 * N * d)
 
 
@@ -90,9 +90,9 @@ def test_dedup_ivf_holds_float16_rows_or_codes_the_cells_and_its_training_sample
     p = plan(config, record, overrides=(f"index.kind={kind}", "index.nlist=10", "index.pq_m=16"))["dedup"]
     d, train = 192, 10 * 64 if kind == "ivf" else 256 * 39  # 64 rows per cell; PQ codebooks want 39 per code
     train = min(N, train)
-    # the float32 centroids, then the float32 training sample or, once it is freed, the rows (float16 or codes) and
-    # their int64 ids, whichever is larger
-    peak = 4 * 10 * d + max(N * (code + 8), 4 * train * d)
+    # the float32 centroids, then the float32 training sample or, once it is freed, one partition's rows (float16 or
+    # codes) and their int64 ids, whichever is larger
+    peak = 4 * 10 * d + max(N // PARTITIONS * (code + 8), 4 * train * d)
     assert p.host_bytes == pytest.approx(MANIFEST_MEM + peak)
     assert p.gpu_bytes == pytest.approx(peak)
 

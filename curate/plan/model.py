@@ -244,14 +244,15 @@ def _index_work(cfg: CurateConfig, rows: int, dim: int, queries: float, k: int) 
 
 
 def index_bytes(cfg: CurateConfig, rows: int, dim: int) -> float:
-    """Peak memory of the index `curate.knn.index` builds over `rows` x `dim` of the store's float16 embeddings: its
-    centroids, and the larger of the float32 sample IVF trains on (freed before rows are added) and the rows (vectors
-    or codes, and ids)."""
+    """Peak memory of the index `curate.knn.index` builds over `rows` x `dim` of the store's float16 embeddings, one
+    partition's rows at a time (`ShardedIndex`): its centroids, and the larger of the float32 sample IVF trains on
+    (freed before rows are added) and one partition's rows (vectors or codes, and ids)."""
     plan = plan_index(cfg.index, rows, dim, fp16=True)
+    held = math.ceil(rows / cfg.partitions)
     if plan.kind == "flat":
-        return 4.0 * rows * dim
+        return 4.0 * held * dim
     code = plan.pq_m if plan.kind == "ivfpq" else 2 * dim
-    return 4.0 * plan.nlist * dim + max(rows * (code + 8.0), 4.0 * plan.train_rows * dim)
+    return 4.0 * plan.nlist * dim + max(held * (code + 8.0), 4.0 * plan.train_rows * dim)
 
 
 def _dedup(cfg: CurateConfig, n: int, rates: Rates, shape: ArrayShape, manifest_s: float,
@@ -259,8 +260,9 @@ def _dedup(cfg: CurateConfig, n: int, rates: Rates, shape: ArrayShape, manifest_
     dim = embedding_dim(cfg.dedup_embed or cfg.embed)
     per_task = math.ceil(n / shape.tasks)
     build, search, scanned, what = _index_work(cfg, n, dim, per_task, cfg.dedup.k + 1)
-    # every task reads every row's embedding from the store's memory maps, a chunk at a time, into the whole index,
-    # then searches its partition: its memory is the index's (the maps are page cache)
+    # every task reads every row's embedding from the store's memory maps, a chunk at a time, into an index of one
+    # partition at a time, and searches its own partition against each: its memory is one partition's index (the
+    # maps are page cache)
     task_gpu = rates.gpu_s(build + search, scanned)
     return StepPlan("dedup", shape, images=n, gpu_flops=shape.tasks * (build + search),
                     scan_bytes=shape.tasks * scanned, read_bytes=shape.tasks * 2.0 * n * dim,
@@ -312,7 +314,7 @@ def _retrieve(cfg: CurateConfig, n: int, seeds: int, selected: int, rates: Rates
     build, search, scanned, what = _index_work(cfg, n, dim, seeds, cfg.retrieve.n_per_seed)
     plan.gpu_flops, plan.scan_bytes, plan.read_bytes = build + search, scanned, 2.0 * n * dim
     plan.task_s += rates.gpu_s(build + search, scanned)
-    plan.host_bytes += index_bytes(cfg, n, dim)  # the pool read from the store's memory maps into the index
+    plan.host_bytes += index_bytes(cfg, n, dim)  # the pool read from the store's memory maps, a partition at a time
     plan.gpu_bytes = index_bytes(cfg, n, dim)
     plan.basis.append(f"{seeds} seeds searched in the pool through {what}, at the stated fp32 peak and bandwidth")
     return plan
